@@ -47,9 +47,9 @@ def _column(name: str, values: ArrayLike, dtype: type[np.generic]) -> NDArray[An
         raise InvalidInputError(name, f"must be one-dimensional, got shape {arr.shape}")
     if arr.size and not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise InvalidInputError(name, f"must be numeric, got dtype {arr.dtype}")
-    if np.issubdtype(dtype, np.integer) and arr.size and np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise InvalidInputError(name, "must hold integers")
+    float_for_int = np.issubdtype(dtype, np.integer) and arr.size and np.issubdtype(arr.dtype, np.floating)
+    if float_for_int and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+        raise InvalidInputError(name, "must hold integers")
     return arr.astype(dtype, copy=False)
 
 

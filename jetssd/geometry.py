@@ -28,13 +28,15 @@ N_PHI = 360
 IMAGE_SHAPE = (N_CHANNELS, N_ETA, N_PHI)
 
 ETA_STEP = 0.0174
-ETA_MIN = -170 * ETA_STEP  # -2.958
-ETA_MAX = 170 * ETA_STEP  # +2.958
+ETA_MIN = -2.958
+ETA_MAX = 2.958
 PHI_STEP = math.pi / 180.0
 PHI_MIN = -math.pi
 PHI_MAX = math.pi
 
-ETA_EDGES: NDArray[np.float64] = np.arange(-170, 171, dtype=np.float64) * ETA_STEP
+# Rounded to the 4 decimals of the card, so each edge is the double nearest to k·0.0174 and the
+# acceptance edges are exactly the literals ±2.958 a user would type.
+ETA_EDGES: NDArray[np.float64] = np.round(np.arange(-170, 171, dtype=np.float64) * ETA_STEP, 4)
 """341 η bin edges, k·0.0174 for k = −170…170."""
 PHI_EDGES: NDArray[np.float64] = np.linspace(-math.pi, math.pi, N_PHI + 1)
 """361 φ bin edges, −π + j·π/180 for j = 0…360."""

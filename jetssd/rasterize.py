@@ -60,7 +60,7 @@ def densify(pixels: SparsePixels, out: NDArray[np.float32] | None = None) -> NDA
 def densify_batch(events: Sequence[SparsePixels]) -> NDArray[np.float32]:
     """Several events' pixels → dense float32 batch [N, 3, 340, 360]."""
     batch = np.zeros((len(events), *geometry.IMAGE_SHAPE), np.float32)
-    flat = batch.reshape(len(events), -1)
+    flat = batch.reshape(len(events), geometry.N_CHANNELS * geometry.N_ETA * geometry.N_PHI)
     for row, pixels in zip(flat, events, strict=True):
         row[pixels.flat_index] = pixels.value
     return batch

@@ -1,0 +1,43 @@
+# pfjet-ssd developer entry points. Every target installs what it needs into .venv by itself.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Extras installed for development and tests: the GPL generator stack is needed by the generator tests.
+EXTRAS ?= dev,datagen
+
+.PHONY: install test lint unit run bench clean help
+
+help:  ## List the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install jetssd with the dev and datagen extras
+
+lint: $(STAMP)  ## ruff + mypy
+	$(VENV)/bin/ruff check jetssd tests benchmarks
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)  ## pytest only
+	$(PY) -m pytest
+
+test: lint unit  ## Everything CI runs: lint, type checks and the test suite
+
+run:  ## Start Triton + gateway on the shipped model (arrives with the serving issue)
+	@echo "make run: the inference service (Triton + gateway) is not built yet; it lands with the serving issue." >&2
+	@echo "Today you can generate events (jetssd generate --help) and draw them (jetssd display --help)." >&2
+	@exit 2
+
+bench: $(STAMP)  ## Benchmarks: rasterizer and event generator, as ratios to baselines measured in the same run
+	$(PY) benchmarks/bench_rasterize.py
+	$(PY) benchmarks/bench_generate.py
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

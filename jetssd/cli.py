@@ -1,0 +1,169 @@
+"""The `jetssd` command line: generate events, inspect files, draw event displays.
+
+Heavy or optional imports (Pythia, FastJet, matplotlib) happen inside the commands, so ``jetssd --help``
+is instant and works without the optional extras.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="jetssd",
+    help="PFJet-SSD: jet detection on LHC events. Generate events, inspect datasets, draw event displays.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (one HDF5 file per shard).")],
+    channels: Annotated[str, typer.Option(help="Comma-separated channels: WW, ZZ, HH, tt (RS graviton → pair, "
+                                               "hadronic W/Z, H→bb) and QCD multijet.")] = "WW,ZZ,HH,tt",
+    events: Annotated[int, typer.Option(help="Events per channel.")] = 1000,
+    pileup: Annotated[float, typer.Option(help="Mean pileup μ (Poisson), drawn from a cached min-bias pool.")] = 50.0,
+    mass: Annotated[float, typer.Option(help="RS graviton mass in GeV (QCD: sets the p̂T threshold).")] = 3500.0,
+    seed: Annotated[int, typer.Option(help="Master seed: same seed and settings give identical events.")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes (0 = all cores).")] = 0,
+    format: Annotated[str, typer.Option("--format", help="reference (Zenodo layout) or jetssd (adds PF "
+                                                          "candidates, continuous truth).")] = "jetssd",
+    truth: Annotated[str, typer.Option(help="Truth convention of the labels: status22 (paper parity, W from "
+                                            "top included) or lastcopy (physics).")] = "status22",
+    shard_size: Annotated[int, typer.Option(help="Events per output file.")] = 1000,
+    pool_size: Annotated[int, typer.Option(help="Min-bias events in the pileup pool.")] = 5000,
+    chs: Annotated[bool, typer.Option("--chs", help="Drop pileup tracks from the images.")] = False,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",
+                                           help="Fill the FastJet physics baseline.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard files of an earlier run with other "
+                                                                "settings in --out.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache for the min-bias pool and Pythia tables "
+                                                        "(default OUT/.cache).")] = None,
+) -> None:
+    """Generate RS-graviton and QCD events with Pythia 8, pileup and a Delphes-like fast simulation.
+
+    Output is sharded (OUT/<channel>_<shard>.h5) and resumable: rerun the same command after an
+    interruption and only the missing shards are made. Needs the datagen extra: pip install 'jetssd[datagen]'.
+    """
+    try:
+        from jetssd.datagen.generate import GenerationSettings, ManifestMismatchError, run_generation
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise _fail(f"{exc}. Install the generator extra: pip install 'jetssd[datagen]'") from None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    settings = GenerationSettings(
+        channels=tuple(c.strip() for c in channels.split(",") if c.strip()), events=events, pileup=pileup,
+        mass=mass, seed=seed, format=format, truth=truth, shard_size=shard_size,  # type: ignore[arg-type]
+        pool_size=pool_size, chs=chs, baseline=baseline,
+    )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    columns = (TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("generate", total=None, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = bar.tasks[0].elapsed or 0.0
+            rate = f"{done / elapsed:,.0f} ev/s" if elapsed > 0 and done else ""
+            bar.update(task, completed=done, total=total, rate=rate)
+
+        try:
+            report = run_generation(settings, out, workers=workers or None, overwrite=overwrite,
+                                    cache_dir=cache_dir, on_progress=on_progress)
+        except (ManifestMismatchError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+    rate = report.generated_events / report.seconds if report.seconds > 0 else 0.0
+    console.print(
+        f"wrote {len(report.files)} file(s) to {out}: {report.generated_events} events generated"
+        + (f", {report.skipped_events} already present" if report.skipped_events else "")
+        + f" in {report.seconds:.1f} s ({rate:.1f} events/s on {report.workers} worker(s), "
+        f"{rate / report.workers:.1f} per worker)"
+    )
+
+
+@app.command()
+def info(
+    files: Annotated[list[Path], typer.Argument(help="HDF5 files in the reference layout or ours.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Summarise event files: format, events, pixels and candidates per event, truth objects per class."""
+    import numpy as np
+
+    from jetssd.event import CLASS_NAMES
+    from jetssd.io import DatasetFormatError, open_events
+
+    rows = []
+    for path in files:
+        try:
+            with open_events(path) as f:
+                n_pix, n_pf, n_truth = [], [], np.zeros(len(CLASS_NAMES), np.int64)
+                for chunk in f.iter_chunks(1000):
+                    for ev in chunk:
+                        n_pix.append(len(ev.pixels))
+                        n_pf.append(len(ev.pf) if ev.pf is not None else 0)
+                        n_truth += np.bincount(ev.truth.cls, minlength=len(CLASS_NAMES))
+                rows.append({
+                    "file": str(path), "format": f.format, "events": len(f), "bytes": path.stat().st_size,
+                    "bytes_per_event": path.stat().st_size / max(1, len(f)),
+                    "mean_pixels": float(np.mean(n_pix)) if n_pix else 0.0,
+                    "mean_pf_candidates": float(np.mean(n_pf)) if n_pf else 0.0,
+                    "truth": dict(zip(CLASS_NAMES, (int(x) for x in n_truth), strict=True)),
+                })
+        except DatasetFormatError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("file", "format", "events", "bytes/event", "pixels/event", "PF cands/event", "t", "V", "H")
+    for r in rows:
+        table.add_row(Path(r["file"]).name, r["format"], str(r["events"]), f"{r['bytes_per_event']:,.0f}",
+                      f"{r['mean_pixels']:,.0f}", f"{r['mean_pf_candidates']:,.0f}",
+                      *(str(r["truth"][c]) for c in CLASS_NAMES))
+    Console().print(table)
+
+
+@app.command()
+def display(
+    file: Annotated[Path, typer.Argument(help="HDF5 file in the reference layout or ours.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    event: Annotated[int, typer.Option("--event", "-n", help="Event index in the file.")] = 0,
+) -> None:
+    """Draw one event: the three channels and their sum, truth jets (φ-wrapped circles), baseline jets."""
+    from jetssd.display import render_event
+    from jetssd.io import DatasetFormatError, open_events
+
+    try:
+        with open_events(file) as f:
+            if not -len(f) <= event < len(f):
+                raise _fail(f"--event: {event} is out of range; {file} holds {len(f)} events")
+            ev = f[event]
+    except DatasetFormatError as exc:
+        raise _fail(str(exc)) from None
+    path = render_event(ev, out, title=f"{file.name} #{event}")
+    console.print(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
