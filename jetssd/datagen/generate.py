@@ -14,6 +14,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -154,8 +155,28 @@ class _ShardJob:
     progress: Any = field(default=None, repr=False)  # a multiprocessing queue of event counts, or None
 
 
-def generate_shard(job: _ShardJob) -> Path:
-    """Generate one shard and write it atomically. Returns the final path."""
+@dataclass
+class ShardResult:
+    path: Path
+    stage_seconds: dict[str, float]
+    """Wall time per stage: pythia, pileup, fastsim, rasterize, baseline, write (setup is not included)."""
+
+
+class _StageClock:
+    """Accumulates wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+
+def generate_shard(job: _ShardJob) -> ShardResult:
+    """Generate one shard and write it atomically."""
     from jetssd.datagen.fastsim import simulate
     from jetssd.datagen.particles import Particles
     from jetssd.datagen.pileup import MinBiasPool, sample_n_pileup
@@ -171,21 +192,31 @@ def generate_shard(job: _ShardJob) -> Path:
 
     events: list[Event] = []
     pileup_flags: list[np.ndarray] = []
+    clock = _StageClock()
     for _ in range(shard.n):
         gen = generator.next()
+        clock.lap("pythia")
         n_pu = sample_n_pileup(rng, settings.pileup) if pool is not None else 0
-        particles = Particles.concatenate([gen.particles, pool.draw(rng, n_pu)]) if pool is not None and n_pu \
-            else gen.particles
+        particles = gen.particles
+        if pool is not None and n_pu:
+            particles = Particles.concatenate([particles, pool.draw(rng, n_pu)])
+        clock.lap("pileup")
         sim = simulate(particles, rng, chs=settings.chs)
+        clock.lap("fastsim")
         events.append(Event(pixels=rasterize_sparse(sim.pf), truth=gen.truth_status22,
                             truth_lastcopy=gen.truth_lastcopy, pf=sim.pf, process=shard.channel, n_pileup=n_pu))
         pileup_flags.append(sim.is_pileup)
+        clock.lap("rasterize")
         if job.progress is not None:
             job.progress.put(1)
+        clock.lap("progress")
 
     if settings.baseline:
         _fill_baseline(events, pileup_flags)
-    return _write_shard(job, events)
+        clock.lap("baseline")
+    path = _write_shard(job, events)
+    clock.lap("write")
+    return ShardResult(path, clock.seconds)
 
 
 def _fill_baseline(events: list[Event], pileup_flags: Sequence[np.ndarray]) -> None:
@@ -256,6 +287,8 @@ class GenerationReport:
     skipped_events: int
     seconds: float
     workers: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Worker wall time per stage, summed over shards (see :class:`ShardResult`)."""
 
 
 def run_generation(settings: GenerationSettings, out_dir: Path, workers: int | None = None,
@@ -269,8 +302,6 @@ def run_generation(settings: GenerationSettings, out_dir: Path, workers: int | N
         cache_dir: where the min-bias pool and Pythia's MPI tables are cached (default ``<out>/.cache``).
         on_progress: called in this process as ``on_progress(done_events, total_events)``.
     """
-    import time
-
     from jetssd.datagen.pileup import MinBiasPool
 
     settings.validate()
@@ -303,12 +334,14 @@ def run_generation(settings: GenerationSettings, out_dir: Path, workers: int | N
         jobs = [_ShardJob(settings, s, out_dir, pool_dir, cache_dir / "mpi", progress) for s in todo]
         (cache_dir / "mpi").mkdir(exist_ok=True)
         done = 0
+        stages: dict[str, float] = {}
         with ProcessPoolExecutor(max_workers=min(workers, max(1, len(jobs))), mp_context=ctx) as executor:
-            pending: set[Future[Path]] = {executor.submit(generate_shard, job) for job in jobs}
+            pending: set[Future[ShardResult]] = {executor.submit(generate_shard, job) for job in jobs}
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    fut.result()  # re-raise a worker's error here
+                    for stage, sec in fut.result().stage_seconds.items():  # .result() re-raises a worker's error
+                        stages[stage] = stages.get(stage, 0.0) + sec
                 done += _drain(progress)
                 if on_progress is not None:
                     on_progress(done, total)
@@ -317,7 +350,8 @@ def run_generation(settings: GenerationSettings, out_dir: Path, workers: int | N
             on_progress(done, total)
 
     return GenerationReport(files=[out_dir / s.filename() for s in shards], generated_events=total,
-                            skipped_events=skipped, seconds=time.perf_counter() - start, workers=workers)
+                            skipped_events=skipped, seconds=time.perf_counter() - start, workers=workers,
+                            stage_seconds=stages)
 
 
 def _drain(q: Any) -> int:
