@@ -93,7 +93,8 @@ def generate(
         f"wrote {len(report.files)} file(s) to {out}: {report.generated_events} events generated"
         + (f", {report.skipped_events} already present" if report.skipped_events else "")
         + f" in {report.seconds:.1f} s ({rate:.1f} events/s on {report.workers} worker(s), "
-        f"{rate / report.workers:.1f} per worker)"
+        f"{rate / report.workers:.1f} per worker)",
+        soft_wrap=True,
     )
 
 

@@ -236,10 +236,11 @@ def _write_shard(job: _ShardJob, events: list[Event]) -> Path:
     path = job.out_dir / job.shard.filename()
     meta = {**job.settings.to_dict(), "shard": asdict(job.shard)}
     if job.settings.format == "jetssd":
-        with NativeWriter(path, generator_settings=meta, overwrite=True) as writer:
+        with NativeWriter(path, generator_settings=meta, overwrite=True, labels=job.settings.truth) as writer:
             writer.append(events)
     else:
-        with ReferenceWriter(path, attrs={"generator_settings": json.dumps(meta)}, overwrite=True) as writer:
+        with ReferenceWriter(path, attrs={"generator_settings": json.dumps(meta)}, overwrite=True,
+                             labels=job.settings.truth) as writer:
             writer.append(events)
     return path
 
