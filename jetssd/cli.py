@@ -123,7 +123,7 @@ def info(
                     "file": str(path), "format": f.format, "events": len(f), "bytes": path.stat().st_size,
                     "bytes_per_event": path.stat().st_size / max(1, len(f)),
                     "mean_pixels": float(np.mean(n_pix)) if n_pix else 0.0,
-                    "mean_pf_candidates": float(np.mean(n_pf)) if n_pf else 0.0,
+                    "mean_pf_candidates": float(np.mean(n_pf)) if n_pf and f.format == "jetssd" else None,
                     "truth": dict(zip(CLASS_NAMES, (int(x) for x in n_truth), strict=True)),
                 })
         except DatasetFormatError as exc:
@@ -136,7 +136,8 @@ def info(
     table = Table("file", "format", "events", "bytes/event", "pixels/event", "PF cands/event", "t", "V", "H")
     for r in rows:
         table.add_row(Path(r["file"]).name, r["format"], str(r["events"]), f"{r['bytes_per_event']:,.0f}",
-                      f"{r['mean_pixels']:,.0f}", f"{r['mean_pf_candidates']:,.0f}",
+                      f"{r['mean_pixels']:,.0f}",
+                      "—" if r["mean_pf_candidates"] is None else f"{r['mean_pf_candidates']:,.0f}",
                       *(str(r["truth"][c]) for c in CLASS_NAMES))
     Console().print(table)
 

@@ -193,8 +193,8 @@ def generate_shard(job: _ShardJob) -> ShardResult:
     events: list[Event] = []
     pileup_flags: list[np.ndarray] = []
     clock = _StageClock()
-    for _ in range(shard.n):
-        gen = generator.next()
+    # generate(n) asks Pythia for exactly n events (next() would batch past the end of the shard).
+    for gen in generator.generate(shard.n):
         clock.lap("pythia")
         n_pu = sample_n_pileup(rng, settings.pileup) if pool is not None else 0
         particles = gen.particles
