@@ -7,6 +7,7 @@ is instant and works without the optional extras.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -98,47 +99,67 @@ def generate(
     )
 
 
+@dataclass
+class FileSummary:
+    """What `jetssd info` reports about one event file."""
+
+    file: str
+    format: str
+    events: int
+    bytes: int
+    bytes_per_event: float
+    mean_pixels: float
+    mean_pf_candidates: float | None  # None for files without PF candidates (reference layout)
+    truth: dict[str, int]  # truth objects per class in ``labels``
+
+
+def summarize_file(path: Path) -> FileSummary:
+    """Stream one file and count pixels, candidates and truth objects. Raises DatasetFormatError."""
+    import numpy as np
+
+    from jetssd.event import CLASS_NAMES
+    from jetssd.io import open_events
+
+    with open_events(path) as f:
+        n_pix, n_pf = [], []
+        n_truth = np.zeros(len(CLASS_NAMES), np.int64)
+        for chunk in f.iter_chunks(1000):
+            for ev in chunk:
+                n_pix.append(len(ev.pixels))
+                if ev.pf is not None:
+                    n_pf.append(len(ev.pf))
+                n_truth += np.bincount(ev.truth.cls, minlength=len(CLASS_NAMES))
+        size = path.stat().st_size
+        return FileSummary(
+            file=str(path), format=f.format, events=len(f), bytes=size, bytes_per_event=size / max(1, len(f)),
+            mean_pixels=float(np.mean(n_pix)) if n_pix else 0.0,
+            mean_pf_candidates=float(np.mean(n_pf)) if n_pf else None,
+            truth={name: int(n) for name, n in zip(CLASS_NAMES, n_truth, strict=True)},
+        )
+
+
 @app.command()
 def info(
     files: Annotated[list[Path], typer.Argument(help="HDF5 files in the reference layout or ours.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Summarise event files: format, events, pixels and candidates per event, truth objects per class."""
-    import numpy as np
+    """Summarise event files: format, events, bytes, pixels and candidates per event, truth objects per class."""
+    from jetssd.io import DatasetFormatError
 
-    from jetssd.event import CLASS_NAMES
-    from jetssd.io import DatasetFormatError, open_events
-
-    rows = []
-    for path in files:
-        try:
-            with open_events(path) as f:
-                n_pix, n_pf, n_truth = [], [], np.zeros(len(CLASS_NAMES), np.int64)
-                for chunk in f.iter_chunks(1000):
-                    for ev in chunk:
-                        n_pix.append(len(ev.pixels))
-                        n_pf.append(len(ev.pf) if ev.pf is not None else 0)
-                        n_truth += np.bincount(ev.truth.cls, minlength=len(CLASS_NAMES))
-                rows.append({
-                    "file": str(path), "format": f.format, "events": len(f), "bytes": path.stat().st_size,
-                    "bytes_per_event": path.stat().st_size / max(1, len(f)),
-                    "mean_pixels": float(np.mean(n_pix)) if n_pix else 0.0,
-                    "mean_pf_candidates": float(np.mean(n_pf)) if n_pf and f.format == "jetssd" else None,
-                    "truth": dict(zip(CLASS_NAMES, (int(x) for x in n_truth), strict=True)),
-                })
-        except DatasetFormatError as exc:
-            raise _fail(str(exc)) from None
+    try:
+        rows = [summarize_file(path) for path in files]
+    except DatasetFormatError as exc:
+        raise _fail(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
     from rich.table import Table
 
     table = Table("file", "format", "events", "bytes/event", "pixels/event", "PF cands/event", "t", "V", "H")
     for r in rows:
-        table.add_row(Path(r["file"]).name, r["format"], str(r["events"]), f"{r['bytes_per_event']:,.0f}",
-                      f"{r['mean_pixels']:,.0f}",
-                      "—" if r["mean_pf_candidates"] is None else f"{r['mean_pf_candidates']:,.0f}",
-                      *(str(r["truth"][c]) for c in CLASS_NAMES))
+        table.add_row(Path(r.file).name, r.format, str(r.events), f"{r.bytes_per_event:,.0f}", f"{r.mean_pixels:,.0f}",
+                      "—" if r.mean_pf_candidates is None else f"{r.mean_pf_candidates:,.0f}",
+                      *(str(n) for n in r.truth.values()))
     Console().print(table)
 
 
