@@ -14,14 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from jetssd.datagen.pileup import MinBiasPool
-
 from jetssd.datagen.generate import GenerationSettings, pool_seed, run_generation
+from jetssd.datagen.pileup import MinBiasPool
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200, help="events per channel")
+    parser.add_argument("--events", type=int, default=500, help="events per channel (one shard each)")
     parser.add_argument("--channels", default="WW,tt")
     parser.add_argument("--pileup", type=float, default=50.0)
     parser.add_argument("--pool-size", type=int, default=2000)

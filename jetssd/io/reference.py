@@ -124,7 +124,7 @@ def encode_baseline(baseline: BaselineJets) -> tuple[NDArray[np.float32], NDArra
 
 
 def label_truth(event: Event, labels: str) -> TruthObjects:
-    """The truth objects that go into ``labels``: "status22" → ``event.truth``, "lastcopy" → ``event.truth_lastcopy``."""
+    """The truth objects written to ``labels``: "status22" → ``event.truth``, "lastcopy" → ``event.truth_lastcopy``."""
     if labels == "status22":
         return event.truth
     if labels == "lastcopy":

@@ -295,7 +295,8 @@ def test_labels_follow_the_chosen_truth_convention(tmp_path: Path) -> None:
             assert f.attrs["labels_truth"] == labels
             np.testing.assert_array_equal(f[0].truth.cls, expected.cls)
             np.testing.assert_allclose(f[0].truth.pt, expected.pt)
-    with pytest.raises(ValueError, match="no last-copy truth"), ReferenceWriter(tmp_path / "n.h5", labels="lastcopy") as w:
+    writer = ReferenceWriter(tmp_path / "n.h5", labels="lastcopy")
+    with pytest.raises(ValueError, match="no last-copy truth"), writer as w:
         w.append([Event(SparsePixels.empty(), truth=status22)])
     assert not (tmp_path / "n.h5").exists()
     with pytest.raises(ValueError, match="labels must be"):
