@@ -78,6 +78,13 @@ def open_h5(path: str) -> h5py.File:
         # writer, and locking fails on some cluster file systems (EOS/FUSE, some NFS).
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
+        if "locking" in str(exc):
+            # The file is already open in this process with locking on (e.g. by plain h5py): HDF5 then
+            # insists on the same flag, which is harmless for a read-only open.
+            try:
+                return h5py.File(path, "r")
+            except OSError:
+                pass
         raise format_error(path, f"cannot be opened as HDF5 ({exc}); the file may be truncated or corrupt") from exc
 
 

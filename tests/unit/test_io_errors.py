@@ -242,3 +242,11 @@ def test_explicit_close_publishes_once(tmp_path: Path) -> None:
         w.append(some_events())
     with NativeFile(path) as f:
         assert len(f) == 3
+
+
+def test_file_already_open_with_plain_h5py_can_be_read(tmp_path: Path) -> None:
+    """HDF5 refuses a second open with another locking flag; the reader must cope, not call the file corrupt."""
+    path = write_columns(tmp_path / "open.h5", good_columns())
+    with h5py.File(path, "r"), open_events(path) as f:
+        assert len(f) == len(good_columns()["labels"])
+        read_everything(path)
