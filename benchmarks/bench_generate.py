@@ -9,10 +9,11 @@ run: Pythia's event generation alone. Target (issue #2): ≥ 70 events/s per cor
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from _report import emit
 
 from jetssd.datagen.generate import GenerationSettings, pool_seed, run_generation
 from jetssd.datagen.pileup import MinBiasPool
@@ -54,10 +55,7 @@ def main() -> None:
         "pool_build_or_load_s": pool_s,
         "target_events_per_s_per_core": 70.0,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writes JSON to stdout; ``--out FILE`` also saves it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _report import emit
 
 from jetssd import geometry as g
 from jetssd.event import PFCandidates
@@ -63,10 +63,7 @@ def main() -> None:
     }
     result["speedup_vs_histogram2d"] = result["histogram2d_reference_ms"] / result["dense_ms"]
     result["meets_target"] = result["dense_ms"] <= result["target_ms"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ Runs are tiny (a few events, a 12-event min-bias pool) so the whole module takes
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -101,6 +104,26 @@ def test_resume_regenerates_only_missing_shards(first_run: Path, tmp_path: Path,
     assert report.skipped_events == 4
     assert not list(resumed.glob("*.partial"))
     assert_same_files(first_run, resumed)
+
+
+def test_killed_run_resumes_to_the_same_files(first_run: Path, tmp_path: Path, cache: Path) -> None:
+    """Kill the CLI (and its workers) once the first shard is on disk, rerun the same command: same files."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jetssd.cli", "generate", "--channels", "WW,tt", "--events", "3", "--pileup", "5",
+           "--seed", "7", "--format", "reference", "--shard-size", "2", "--pool-size", "12", "--workers", "1",
+           "--cache-dir", str(cache), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(out.glob("*.h5"))) < 4, "the run finished before it could be killed"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "already present" in done.stderr
+    assert not list(out.glob("*.partial"))
+    assert_same_files(first_run, out)
 
 
 def test_other_settings_in_same_directory_refused(first_run: Path, cache: Path) -> None:
