@@ -265,6 +265,10 @@ class BaselineJets:
     def __len__(self) -> int:
         return len(self.pt)
 
+    def select(self, mask: NDArray[np.bool_]) -> BaselineJets:
+        return BaselineJets(self.cls[mask], self.eta[mask], self.phi[mask], self.pt[mask], self.tau_ratio[mask],
+                            self.msd[mask])
+
     @property
     def score(self) -> NDArray[np.float32]:
         """Baseline confidence, 1 − τ ratio (reference §1.5)."""
