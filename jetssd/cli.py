@@ -97,6 +97,9 @@ def generate(
         f"{rate / report.workers:.1f} per worker)",
         soft_wrap=True,
     )
+    console.print("Events made with Pythia 8.3 (arXiv:2203.11601)"
+                  + (" and FastJet (EPJC72(2012)1896, arXiv:1111.6097)" if baseline else "")
+                  + ": please cite them.", style="dim", soft_wrap=True)
 
 
 @dataclass

@@ -220,7 +220,13 @@ def generate_shard(job: _ShardJob) -> ShardResult:
 
 
 def _fill_baseline(events: list[Event], pileup_flags: Sequence[np.ndarray]) -> None:
+    import fastjet._swig
+
     from jetssd.baseline import tag_events
+
+    # FastJet prints its banner once per worker, in the middle of the progress bar; `jetssd generate`
+    # prints the citation request (FastJet, Pythia) once at the end instead.
+    fastjet._swig.ClusterSequence.set_fastjet_banner_stream(None)
 
     for a in range(0, len(events), BASELINE_BATCH):
         chunk = events[a:a + BASELINE_BATCH]
@@ -336,7 +342,8 @@ def run_generation(settings: GenerationSettings, out_dir: Path, workers: int | N
         (cache_dir / "mpi").mkdir(exist_ok=True)
         done = 0
         stages: dict[str, float] = {}
-        with ProcessPoolExecutor(max_workers=min(workers, max(1, len(jobs))), mp_context=ctx) as executor:
+        workers = min(workers, max(1, len(jobs)))  # one shard is one task: no more workers than shards
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as executor:
             pending: set[Future[ShardResult]] = {executor.submit(generate_shard, job) for job in jobs}
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
