@@ -43,7 +43,7 @@ def generate(
                                                           "candidates, continuous truth).")] = "jetssd",
     truth: Annotated[str, typer.Option(help="Truth convention of the labels: status22 (paper parity, W from "
                                             "top included) or lastcopy (physics).")] = "status22",
-    shard_size: Annotated[int, typer.Option(help="Events per output file.")] = 1000,
+    shard_size: Annotated[int, typer.Option(help="Events per output file; also the unit of work of one core.")] = 500,
     pool_size: Annotated[int, typer.Option(help="Min-bias events in the pileup pool.")] = 5000,
     chs: Annotated[bool, typer.Option("--chs", help="Drop pileup tracks from the images.")] = False,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",

@@ -59,7 +59,7 @@ class GenerationSettings:
     seed: int = 1
     format: Literal["reference", "jetssd"] = "jetssd"
     truth: Literal["status22", "lastcopy"] = "status22"
-    shard_size: int = 1000
+    shard_size: int = 500
     pool_size: int = 5000
     kappa_mg: float = 0.054
     chs: bool = False
