@@ -28,7 +28,6 @@ from jetssd.event import BaselineJets, Event
 FORMATS = ("reference", "jetssd")
 TRUTH_CONVENTIONS = ("status22", "lastcopy")
 MANIFEST = "generation.json"
-PYTHIA_MAX_SEED = 900_000_000
 # Baseline clustering runs on batches of events: FastJet's jagged multi-event call is ~3× cheaper per event.
 BASELINE_BATCH = 50
 
@@ -127,18 +126,18 @@ def plan_shards(settings: GenerationSettings) -> list[Shard]:
 
 
 def shard_seeds(settings: GenerationSettings, shard: Shard) -> tuple[int, np.random.SeedSequence]:
-    """(Pythia seed in 1…900,000,000, numpy seed sequence for pileup + detector) of one shard."""
+    """(seed for :class:`~jetssd.datagen.pythia.EventGenerator`, which maps it into Pythia's range; numpy
+    seed sequence for the pileup draws and the detector) of one shard."""
     from jetssd.datagen.pythia import CHANNELS
 
     ss = np.random.SeedSequence([settings.seed, CHANNELS.index(shard.channel), shard.index])
     pythia_ss, numpy_ss = ss.spawn(2)
-    pythia_seed = int(pythia_ss.generate_state(1, np.uint64)[0] % PYTHIA_MAX_SEED) + 1
-    return pythia_seed, numpy_ss
+    return int(pythia_ss.generate_state(1, np.uint64)[0]), numpy_ss
 
 
 def pool_seed(settings: GenerationSettings) -> int:
     """Seed of the min-bias pool: a function of the master seed, so one pool serves every channel."""
-    return int(np.random.SeedSequence([settings.seed, 0x5EED_B1A5]).generate_state(1, np.uint64)[0] % PYTHIA_MAX_SEED)
+    return int(np.random.SeedSequence([settings.seed, 0x5EED_B1A5]).generate_state(1, np.uint32)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,9 +183,9 @@ def generate_shard(job: _ShardJob) -> ShardResult:
     from jetssd.rasterize import rasterize_sparse
 
     settings, shard = job.settings, job.shard
-    pythia_seed, numpy_ss = shard_seeds(settings, shard)
+    generator_seed, numpy_ss = shard_seeds(settings, shard)
     rng = np.random.default_rng(numpy_ss)
-    generator = EventGenerator(shard.channel, seed=pythia_seed, mass=settings.mass, kappa_mg=settings.kappa_mg,
+    generator = EventGenerator(shard.channel, seed=generator_seed, mass=settings.mass, kappa_mg=settings.kappa_mg,
                                mpi_cache_dir=job.mpi_cache_dir)
     pool = MinBiasPool.load(job.pool_dir) if job.pool_dir is not None else None
 
