@@ -181,10 +181,21 @@ def display(
             if not -len(f) <= event < len(f):
                 raise _fail(f"--event: {event} is out of range; {file} holds {len(f)} events")
             ev = f[event]
+            if not ev.process:  # reference-layout files we generated name their channel in the settings
+                ev.process = _channel_from_settings(f.attrs.get("generator_settings"))
     except DatasetFormatError as exc:
         raise _fail(str(exc)) from None
     path = render_event(ev, out, title=f"{file.name} #{event}")
     console.print(f"wrote {path}")
+
+
+def _channel_from_settings(settings_json: object) -> str:
+    """The shard channel recorded by `jetssd generate` in a file's ``generator_settings``, or ""."""
+    try:
+        settings = json.loads(str(settings_json))
+        return str(settings["shard"]["channel"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def main() -> None:
