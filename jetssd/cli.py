@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -187,6 +187,60 @@ def display(
         raise _fail(str(exc)) from None
     path = render_event(ev, out, title=f"{file.name} #{event}")
     console.print(f"wrote {path}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with [data], [model], [optim], "
+                                                                        "[loss], [run] sections.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one key, e.g. --set optim.lr=1e-3 "
+                                                                      "--set 'data.train=[\"d/*.h5\"]'.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN.OUT/last.pt if it exists.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration and "
+                                                                      "exit.")] = False,
+) -> None:
+    """Train PFJet-SSD on generated (or reference) event files. Needs the train extra (torch).
+
+    Writes checkpoints (last.pt, best.pt), metrics.jsonl and loss.png to run.out. Under
+    torchrun --nproc-per-node N it trains data-parallel.
+    """
+    from jetssd.train.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.load(config, overrides or [])
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if print_config:
+        typer.echo(cfg.dumps())
+        return
+    if not cfg.data.train or not cfg.data.validation:
+        raise _fail("data.train and data.validation must name event files (--set 'data.train=[\"x/*.h5\"]')")
+    try:
+        from jetssd.train.trainer import train as run_training
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise _fail(f"{exc}. Install the training extra: pip install 'jetssd[train]'") from None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[values]}"), console=console) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(phase: str, step: int, total: int, values: dict[str, float]) -> None:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+            if phase == "validation":
+                console.print(f"epoch {step}/{total} validation: {shown}", soft_wrap=True)
+                return
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, values="")
+            bar.update(tasks[phase], completed=step, values=shown)
+
+        try:
+            result = run_training(cfg, resume=resume, progress=on_progress)
+        except (ValueError, FileNotFoundError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}"
+                  + (" (stopped early)" if result.stopped_early else "") + f"; checkpoints in {result.out}",
+                  soft_wrap=True)
 
 
 def _channel_from_settings(settings_json: object) -> str:

@@ -1,0 +1,1 @@
+"""Training of PFJet-SSD (extra ``train``): data pipeline, loss, trainer, configuration."""

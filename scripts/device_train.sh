@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Generate training data and train PFJet-SSD on a lent GPU machine (16 cores + 1 GPU), in one call.
+#
+# This is how the GPU-trained checkpoints were made. The machine starts bare and has no network, so the
+# generator's wheels for its Python (3.12: pythia8mc, awkward) travel in .whl/ (see docs/training.md).
+# Two models train side by side on the one GPU, identical but for the activation (PReLU as the
+# reference, ReLU which ONNX Runtime fuses into Conv), so their AP can be compared at equal budget.
+#
+# Environment: OUT (results), N_TRAIN / N_VAL events per channel, MINUTES of training per model, BATCH,
+# POOL (min-bias pool size), WORKERS (cores), ACTIVATIONS.
+set -euo pipefail
+OUT=${OUT:-out}
+N_TRAIN=${N_TRAIN:-20000}
+N_VAL=${N_VAL:-1000}
+MINUTES=${MINUTES:-6}
+WORKERS=${WORKERS:-16}
+DATA=${DATA:-/tmp/jetssd-data}
+ACTIVATIONS=${ACTIVATIONS:-"prelu relu"}
+BATCH=${BATCH:-64}
+POOL=${POOL:-5000}
+
+export PYTHONPATH=$PWD
+if ! python3 -c 'import pythia8mc, awkward' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda", torch.cuda.is_available())'
+
+t0=$(date +%s)
+python3 -m jetssd.cli generate --channels WW,ZZ,HH,tt,QCD --events "$N_TRAIN" --pileup 50 --seed 1001 \
+  --format reference --no-baseline --workers "$WORKERS" --pool-size "$POOL" --out "$DATA/train" 2>&1 | tail -n 3
+python3 -m jetssd.cli generate --channels WW,ZZ,HH,tt,QCD --events "$N_VAL" --pileup 50 --seed 2002 \
+  --format reference --no-baseline --workers "$WORKERS" --pool-size "$POOL" --out "$DATA/val" 2>&1 | tail -n 3
+echo "generation took $(( $(date +%s) - t0 )) s"
+
+n_models=$(echo $ACTIVATIONS | wc -w)
+per_model_workers=$(( (WORKERS - 2) / n_models ))
+for act in $ACTIVATIONS; do
+  python3 -m jetssd.cli train \
+    --set "data.train=[\"$DATA/train/*.h5\"]" --set "data.validation=[\"$DATA/val/*.h5\"]" \
+    --set "data.workers=$per_model_workers" --set "model.activation=\"$act\"" \
+    --set optim.epochs=100 --set "optim.batch_size=$BATCH" --set optim.patience=100 \
+    --set "run.time_limit_minutes=$MINUTES" --set "run.out=\"$OUT/$act\"" \
+    > "$OUT/train-$act.log" 2>&1 &
+done
+wait
+for act in $ACTIVATIONS; do
+  tail -n 4 "$OUT/train-$act.log"
+  # best.pt, metrics.jsonl and loss.png come back (the tool returns at most 8 files; the config is in best.pt)
+  rm -f "$OUT/$act/last.pt" "$OUT/$act/config.json"
+done
+echo "total $(( $(date +%s) - t0 )) s"

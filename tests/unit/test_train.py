@@ -1,0 +1,198 @@
+"""Training pieces: configuration, loss, sparse data pipeline and augmentation, and a tiny overfit run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jetssd import geometry  # noqa: E402
+from jetssd.anchors import TRAINING_MAPS, AnchorConfig, anchor_centres, truth_pixels  # noqa: E402
+from jetssd.event import Event, PFCandidates, TruthObjects  # noqa: E402
+from jetssd.io import write_events  # noqa: E402
+from jetssd.rasterize import densify as densify_numpy  # noqa: E402
+from jetssd.rasterize import rasterize_sparse  # noqa: E402
+from jetssd.train.config import DataConfig, LossConfig, TrainConfig  # noqa: E402
+from jetssd.train.data import DetectionDataset, PackedEvents, augment_event, collate, densify  # noqa: E402
+from jetssd.train.loss import hard_negative_mask, multibox_loss  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic events: a few hard clusters at the truth positions on a soft carpet.
+
+
+def synthetic_event(rng: np.random.Generator, n_jets: int = 2) -> Event:
+    eta = rng.uniform(-2.0, 2.0, n_jets)
+    phi = rng.uniform(-np.pi, np.pi, n_jets)
+    cls = rng.integers(0, 3, n_jets)
+    pt = rng.uniform(400, 1500, n_jets)
+    parts = [(rng.exponential(1.0, 600), rng.uniform(-3, 3, 600), rng.uniform(-np.pi, np.pi, 600),
+              rng.integers(0, 3, 600))]
+    for e, p, c, t in zip(eta, phi, cls, pt, strict=True):
+        n = 20 + 10 * int(c)  # the class shows in the multiplicity, so it is learnable
+        parts.append((np.full(n, t / n), e + rng.normal(0, 0.05, n), p + rng.normal(0, 0.05, n),
+                      rng.integers(0, 3, n)))
+    pf = PFCandidates.from_arrays(*(np.concatenate(col) for col in zip(*parts, strict=True)))
+    truth = TruthObjects.from_arrays(cls, eta, phi, pt)
+    return Event(pixels=rasterize_sparse(pf), truth=truth, pf=pf)
+
+
+@pytest.fixture(scope="module")
+def event_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("events") / "synthetic.h5"
+    write_events(path, [synthetic_event(rng) for _ in range(8)], format="reference")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text('[data]\ntrain = ["a/*.h5"]\nflip_eta = 0.0\n[optim]\nepochs = 3\n[model]\nactivation = "relu"\n')
+    cfg = TrainConfig.load(path, ["optim.lr=5e-4", 'data.validation=["v.h5"]', "run.out=runs/x", "run.amp=false"])
+    assert cfg.data.train == ("a/*.h5",)
+    assert cfg.data.validation == ("v.h5",)
+    assert cfg.data.flip_eta == 0.0
+    assert cfg.optim.epochs == 3
+    assert cfg.optim.lr == 5e-4
+    assert cfg.model.activation == "relu"
+    assert cfg.run.out == "runs/x"
+    assert cfg.run.amp is False
+    assert TrainConfig.from_dict(json.loads(cfg.dumps())) == cfg
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.nope=1", "unknown key"), ("optim.lr", "section.key=value"), ("run.amp=3", "true/false"),
+    ("optim.epochs=many", "number"), ("bogus.x=1", "unknown key"),
+])
+def test_bad_overrides_are_named(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig().with_overrides([override])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_loss_without_positives_is_finite_and_mines_minimum_negatives() -> None:
+    torch.manual_seed(0)
+    b, p = 2, 50
+    logits = torch.randn(b, p, 4, requires_grad=True)
+    loc = torch.randn(b, p, 2, requires_grad=True)
+    reg = torch.randn(b, p, 1, requires_grad=True)
+    labels = torch.zeros(b, p, dtype=torch.long)
+    parts = multibox_loss(loc, logits, reg, labels, torch.zeros(b, p, 2), torch.zeros(b, p), LossConfig())
+    assert torch.isfinite(parts.total)
+    assert parts.n_pos == 0
+    assert float(parts.loc) == 0.0
+    assert float(parts.pt) == 0.0
+    parts.total.backward()
+    assert logits.grad is not None
+    assert torch.all(torch.isfinite(logits.grad))
+    # 16 hard negatives per image get a gradient, the rest none.
+    assert int((logits.grad.abs().sum(-1) > 0).sum()) == 2 * 16
+
+
+def test_hard_negative_mining_takes_the_worst_three_per_positive() -> None:
+    ce = torch.tensor([[5.0, 0.1, 4.0, 3.0, 0.2, 2.0, 1.0, 9.0]])
+    positive = torch.tensor([[False, False, False, False, False, False, False, True]])
+    mask = hard_negative_mask(ce, positive, ratio=3.0, min_negatives=0)
+    assert mask.tolist() == [[True, False, True, True, False, False, False, False]]
+
+
+def test_loss_terms_match_hand_computation() -> None:
+    logits = torch.zeros(1, 3, 4)
+    labels = torch.tensor([[2, 0, 0]])
+    loc_pred = torch.tensor([[[0.5, -0.5], [9.0, 9.0], [9.0, 9.0]]])
+    loc_t = torch.zeros(1, 3, 2)
+    reg = torch.tensor([[[3.0], [0.0], [0.0]]])
+    pt_t = torch.tensor([[1.0, 0.0, 0.0]])
+    cfg = LossConfig(label_smoothing=0.0, min_negatives=1)
+    parts = multibox_loss(loc_pred, logits, reg, labels, loc_t, pt_t, cfg)
+    # one positive: Huber(0.5) + Huber(0.5) = 0.125 + 0.125; pT Huber(2) = 1.5; CE of uniform logits = ln 4
+    # for the positive and its 3 × 1 hard negatives, capped at the 2 background anchors there are.
+    assert float(parts.loc) == pytest.approx(0.25)
+    assert float(parts.pt) == pytest.approx(1.5)
+    assert float(parts.cls) == pytest.approx(3 * np.log(4.0), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data pipeline
+
+
+def test_packed_events_and_dense_batches_equal_the_rasterizer(event_file: Path) -> None:
+    packed = PackedEvents.load([event_file])
+    assert len(packed) == 8
+    anchors = anchor_centres(TRAINING_MAPS)
+    dataset = DetectionDataset(packed, anchors, AnchorConfig())
+    batch = collate([dataset[i] for i in range(3)])
+    image = densify(batch).numpy()
+    from jetssd.io import ReferenceFile
+
+    with ReferenceFile(event_file) as f:
+        for k in range(3):
+            np.testing.assert_array_equal(image[k], densify_numpy(f.read_pixels(k)))
+            assert int((batch.labels[k] > 0).sum()) >= len(f[k].truth)
+    assert batch.labels.shape == (3, len(anchors))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmentation_moves_pixels_and_truth_together(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ieta, iphi = int(rng.integers(340)), int(rng.integers(360))
+    flat = np.array([(1 * geometry.N_ETA + ieta) * geometry.N_PHI + iphi], np.int32)
+    xy = np.array([[ieta + 0.5, iphi + 0.5]])
+    config = DataConfig(flip_eta=0.5, flip_phi=0.5, roll_phi=True)
+    new_flat, new_xy = augment_event(flat, xy, np.random.default_rng(seed + 100), config)
+    channel, rest = divmod(int(new_flat[0]), geometry.N_ETA * geometry.N_PHI)
+    new_ieta, new_iphi = divmod(rest, geometry.N_PHI)
+    assert channel == 1
+    # The truth is still at the centre of its pixel: no half-pixel or one-pixel shift.
+    np.testing.assert_allclose(new_xy[0], [new_ieta + 0.5, new_iphi + 0.5], atol=1e-9)
+
+
+def test_truth_pixels_of_the_file_convention() -> None:
+    truth = TruthObjects.from_arrays([0, 2], [0.0, 5.0], [0.0, 1.0], [500.0, 600.0])
+    xy, label, pt = truth_pixels(truth)
+    assert label.tolist() == [1]  # t → 1; the object outside the acceptance is dropped
+    assert pt.tolist() == [500.0]
+    np.testing.assert_allclose(xy[0], [170.0, 180.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny run
+
+
+@pytest.mark.slow
+def test_tiny_overfit_run_lowers_the_loss_and_writes_artifacts(event_file: Path, tmp_path: Path) -> None:
+    from jetssd.train.trainer import load_checkpoint, train
+
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_train_events=4", "data.max_val_events=2", "data.flip_eta=0.0", "data.flip_phi=0.0",
+        "data.roll_phi=false", "optim.epochs=6", "optim.batch_size=4", "optim.warmup_steps=1", "optim.lr=3e-3",
+        "model.dropblock=0.0", f'run.out="{tmp_path / "run"}"', "run.seed=7",
+    ])
+    losses: list[float] = []
+    result = train(cfg, progress=lambda phase, step, total, values: losses.append(values["loss"])
+                   if phase != "validation" else None)
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    run = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "metrics.jsonl", "loss.png", "config.json"):
+        assert (run / name).stat().st_size > 0, name
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 5
+    assert len(json.loads(state["history"])) == 6
+    assert result.best_epoch >= 0
+
+    # Resume: one more epoch continues from the checkpoint instead of starting over.
+    longer = cfg.with_overrides(["optim.epochs=7"])
+    resumed = train(longer, resume=True)
+    assert [h.epoch for h in resumed.history] == list(range(7))
