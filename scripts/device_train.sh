@@ -23,6 +23,8 @@ export PYTHONPATH=$PWD
 if ! python3 -c 'import pythia8mc, awkward' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
+  # pip --target puts the wheel's data (Pythia's settings database) under /tmp/site/share.
+  export PYTHIA8DATA=/tmp/site/share/Pythia8/xmldoc
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

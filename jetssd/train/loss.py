@@ -21,13 +21,22 @@ from jetssd.train.config import LossConfig
 
 @dataclass
 class LossParts:
-    """Loss terms of one batch (scalars), each already divided by max(N_pos, 1)."""
+    """Loss terms of one batch (scalars), each already divided by ``norm`` = max(N_pos, 1).
+
+    To average over many batches weight each by ``norm`` (a per-positive mean over the whole set): a plain
+    mean of batch values would let a batch without positives (sum over its mined negatives divided by 1)
+    dominate — e.g. a validation batch made only of QCD events.
+    """
 
     total: torch.Tensor
     loc: torch.Tensor
     cls: torch.Tensor
     pt: torch.Tensor
     n_pos: int
+
+    @property
+    def norm(self) -> int:
+        return max(self.n_pos, 1)
 
     def as_floats(self) -> dict[str, float]:
         return {"loss": float(self.total.detach()), "loc": float(self.loc), "cls": float(self.cls),

@@ -186,13 +186,13 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
 
     With ``detections`` (a list) in evaluation, the post-processed detections of the inference source
     are appended per event, with the event's truth, for AP computation.
-    Training stops early at ``deadline`` (a ``time.perf_counter`` value). Returns the event-weighted mean
-    loss terms.
+    Training stops early at ``deadline`` (a ``time.perf_counter`` value). Returns the loss terms averaged
+    per positive anchor over the whole pass (see :class:`jetssd.train.loss.LossParts`).
     """
     training = optimizer is not None
     model.train(training)
     sums: dict[str, float] = {}
-    n_events = 0
+    total_norm = 0
     anchors = anchor_centres(INFERENCE_MAPS)
     anchor_config = AnchorConfig()
     with torch.set_grad_enabled(training):
@@ -211,8 +211,8 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
                     scheduler.step()
             values = parts.as_floats()
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * batch.size
-            n_events += batch.size
+                sums[k] = sums.get(k, 0.0) + v * parts.norm
+            total_norm += parts.norm
             if detections is not None:
                 p = len(anchors)
                 dets = postprocess(cls_logits[:, :p].float().cpu().numpy(), loc[:, :p].float().cpu().numpy(),
@@ -222,7 +222,7 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
                 on_step(step, values)
             if training and deadline is not None and time.perf_counter() > deadline:
                 break
-    return {k: v / max(1, n_events) for k, v in sums.items()}
+    return {k: v / max(1, total_norm) for k, v in sums.items()}
 
 
 def truth_objects(xy: np.ndarray, label: np.ndarray, pt: np.ndarray) -> TruthObjects:

@@ -196,3 +196,29 @@ def test_tiny_overfit_run_lowers_the_loss_and_writes_artifacts(event_file: Path,
     longer = cfg.with_overrides(["optim.epochs=7"])
     resumed = train(longer, resume=True)
     assert [h.epoch for h in resumed.history] == list(range(7))
+
+
+def test_epoch_loss_is_a_per_positive_mean_not_dominated_by_background_only_batches(event_file: Path) -> None:
+    """A validation pass over signal events followed by events without truth (QCD, in file order) must
+    report about the signal's loss, not the sum over mined negatives of the background-only batches."""
+    from jetssd.model import NetConfig, PFJetSSD
+    from jetssd.train.trainer import run_epoch
+
+    packed = PackedEvents.load([event_file])
+    empty = PackedEvents(packed.pixel_offsets[:5], packed.pixel_flat, packed.pixel_value,
+                         np.zeros(5, np.int64), packed.truth_xy[:0], packed.truth_label[:0], packed.truth_pt[:0])
+    anchors = anchor_centres(TRAINING_MAPS)
+    signal = DetectionDataset(packed, anchors, AnchorConfig())
+    both = torch.utils.data.ConcatDataset([signal, DetectionDataset(empty, anchors, AnchorConfig())])
+    cfg = TrainConfig()
+    model = PFJetSSD(NetConfig(widths=(8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8)), training_head=True)
+    with torch.no_grad():  # uniform class probabilities: every mined negative costs ln 4
+        model.head1.cls.bias.zero_()
+        model.head2.cls.bias.zero_()
+    loader_signal = torch.utils.data.DataLoader(signal, batch_size=4, collate_fn=collate)
+    loader_both = torch.utils.data.DataLoader(both, batch_size=4, collate_fn=collate)
+    torch.manual_seed(0)
+    only_signal = run_epoch(model, loader_signal, torch.device("cpu"), cfg)
+    with_background = run_epoch(model, loader_both, torch.device("cpu"), cfg)
+    # The background batch adds its negatives' loss, weighted by 1 against the signal's ~dozens of positives.
+    assert with_background["loss"] < 1.5 * only_signal["loss"]
