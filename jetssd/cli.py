@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -241,6 +241,84 @@ def train(
     console.print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}"
                   + (" (stopped early)" if result.stopped_early else "") + f"; checkpoints in {result.out}",
                   soft_wrap=True)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (best.pt).")],
+    variant: Annotated[str, typer.Option(help="Model variant: fpn, twn or int8.")] = "fpn",
+    repository: Annotated[Path, typer.Option(help="Model repository root.")] = Path("model_repository"),
+    version: Annotated[int, typer.Option(help="Model version (a numbered folder).")] = 1,
+    metrics: Annotated[Path | None, typer.Option(help="report.json of `jetssd evaluate` to record as the "
+                                                      "model's test-set metrics.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing version.")] = False,
+) -> None:
+    """Export a checkpoint to ONNX (input `image` [N,3,340,360] GeV) with metadata.json, checked against PyTorch.
+
+    Writes REPOSITORY/pfjet_ssd_<variant>/<version>/{model.onnx, metadata.json}.
+    """
+    try:
+        from jetssd.export import export_model
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise _fail(f"{exc}. Install the training extra: pip install 'jetssd[train]'") from None
+    try:
+        recorded = json.loads(metrics.read_text()) if metrics is not None else None
+        path = export_model(checkpoint, variant, repository, version=version, metrics=recorded, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"exported {path}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Exported model folder (pfjet_ssd_<variant>[/"
+                                                                  "<version>]), optionally NAME=DIR; repeatable.")],
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Event files (reference layout or ours); "
+                                                                  "repeatable.")],
+    report: Annotated[Path, typer.Option("--report", "-r", help="Folder for report.json and the plots.")],
+    max_events: Annotated[int, typer.Option(help="Stop after this many events (0 = all).")] = 0,
+    truth: Annotated[str, typer.Option(help="labels (the file's labels) or lastcopy (our format only).")] = "labels",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0 = all cores).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Events per inference batch.")] = 16,
+) -> None:
+    """Evaluate models and the physics baseline on events: AP (reference 11-point, VOC, COCO), P@R, plots, QCD fakes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from jetssd.evaluate.report import evaluate as run_evaluation
+    from jetssd.inference import OnnxDetector
+    from jetssd.io import DatasetFormatError
+
+    if truth not in ("labels", "lastcopy"):
+        raise _fail(f"--truth: {truth!r} is neither labels nor lastcopy")
+    truth_convention: Literal["labels", "lastcopy"] = "labels" if truth == "labels" else "lastcopy"
+    detectors = {}
+    try:
+        for item in model:
+            name, sep, folder = item.partition("=")
+            path = Path(folder if sep else name)
+            detector = OnnxDetector(path, threads=threads or None)
+            detectors[name if sep else f"{detector.variant} v{detector.version}"] = detector
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("evaluate", total=None)
+        try:
+            result = run_evaluation(detectors, data, report, max_events=max_events, batch_size=batch_size,
+                                    truth=truth_convention,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError, DatasetFormatError) as exc:
+            raise _fail(str(exc)) from None
+    for name, summary in {**result["models"], "baseline": result.get("baseline")}.items():
+        if summary:
+            ap = summary["ap"]
+            console.print(f"{name}: AP voc {_fmt(ap['voc'])}, coco {_fmt(ap['coco'])}, reference "
+                          f"{_fmt(ap['reference'])}", soft_wrap=True)
+    console.print(f"report: {report / 'report.json'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _channel_from_settings(settings_json: object) -> str:
