@@ -4,8 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Extras installed for development and tests: the GPL generator stack is needed by the generator tests.
-EXTRAS ?= dev,datagen
+# Extras installed for development and tests: the GPL generator stack (generator tests) and torch (model,
+# training and export tests; the CPU wheel 2.13.0 is on the project machines).
+EXTRAS ?= dev,datagen,train
 
 .PHONY: install test lint unit run bench clean help
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## Create .venv and install jetssd with the dev and datagen extras
+install: $(STAMP)  ## Create .venv and install jetssd with the dev, datagen and train extras
 
 lint: $(STAMP)  ## ruff + mypy
 	$(VENV)/bin/ruff check jetssd tests benchmarks
