@@ -36,9 +36,11 @@ run:  ## Start Triton + gateway on the shipped model (arrives with the serving i
 	@echo "Today you can generate events (jetssd generate --help) and draw them (jetssd display --help)." >&2
 	@exit 2
 
-bench: $(STAMP)  ## Benchmarks: rasterizer and event generator, as ratios to baselines measured in the same run
+bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in ORT), with same-run baselines
 	$(PY) benchmarks/bench_rasterize.py
+	$(PY) benchmarks/bench_postprocess.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_model.py
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,26 +15,14 @@ event at batch 1. Writes JSON to stdout; ``--out FILE`` also saves it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _report import emit
+from _report import emit, median_ms
 
 from jetssd.anchors import INFERENCE_MAPS, AnchorConfig, anchor_centres, decode_centres, wrap_dy
 from jetssd.postprocess import PostprocessConfig, postprocess, softmax
-
-
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def synthetic_heads(rng: np.random.Generator, n_events: int, anchors: np.ndarray, noise_bg: float = 7.0

@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _report import emit
+from _report import emit, median_ms
 
 from jetssd import geometry as g
 from jetssd.event import PFCandidates
 from jetssd.rasterize import rasterize, rasterize_batch, rasterize_sparse
-
-
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def histogram2d_reference(pf: PFCandidates) -> np.ndarray:
