@@ -98,6 +98,9 @@ class RunConfig:
     compile: bool = False
     time_limit_minutes: float = 0.0
     """Stop (after the epoch in progress, with its validation and checkpoint) past this wall time; 0 = none."""
+    init: str = ""
+    """Start from the weights of this checkpoint (fine-tuning: TWN from the FPN, a pruned network); its
+    network configuration replaces [model]. The optimizer and schedule start fresh."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Output directory (``run.out``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from jetssd.anchors import INFERENCE_MAPS, TRAINING_MAPS, AnchorConfig, anchor_centres, pixels_to_eta_phi
 from jetssd.event import TruthObjects
-from jetssd.model import PFJetSSD
+from jetssd.model import NetConfig, PFJetSSD
 from jetssd.postprocess import PostprocessConfig, postprocess
 from jetssd.train.config import TrainConfig
 from jetssd.train.data import Batch, DetectionDataset, PackedEvents, collate, densify, expand_paths
@@ -267,6 +268,11 @@ def train(config: TrainConfig, resume: bool = False,
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     seed_everything(config.run.seed + rank, config.run.deterministic)
+    init_state = None
+    if config.run.init:
+        init_state = load_checkpoint(Path(config.run.init))
+        init_model = NetConfig.from_dict(json.loads(init_state["config"])["model"])
+        config = dataclasses.replace(config, model=init_model)
     out = Path(config.run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +298,10 @@ def train(config: TrainConfig, resume: bool = False,
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_set)} training events is less than one batch of {config.optim.batch_size}")
 
-    model: torch.nn.Module = PFJetSSD(config.model, training_head=True).to(device)
+    model: torch.nn.Module = PFJetSSD(config.model, training_head=True)
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+    model = model.to(device)
     if config.run.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = make_optimizer(model, config)

@@ -222,3 +222,28 @@ def test_epoch_loss_is_a_per_positive_mean_not_dominated_by_background_only_batc
     with_background = run_epoch(model, loader_both, torch.device("cpu"), cfg)
     # The background batch adds its negatives' loss, weighted by 1 against the signal's ~dozens of positives.
     assert with_background["loss"] < 1.5 * only_signal["loss"]
+
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_starts_from_its_weights_and_network(event_file: Path, tmp_path: Path) -> None:
+    from jetssd.model import NetConfig, PFJetSSD
+    from jetssd.train.trainer import load_checkpoint, save_checkpoint, train
+
+    narrow = NetConfig(widths=(8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8), activation="relu", dropblock=0.0)
+    source_cfg = TrainConfig().with_overrides([f'data.train=["{event_file}"]'])
+    source_cfg = TrainConfig(data=source_cfg.data, model=narrow)
+    model = PFJetSSD(narrow, training_head=True)
+    torch.nn.init.constant_(model.head1.reg.bias, 0.123)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    save_checkpoint(tmp_path / "src.pt", model, opt, sched, 0, source_cfg, [], 1.0, 0)
+
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_train_events=4", "data.max_val_events=2", "optim.epochs=1", "optim.batch_size=4",
+        "optim.lr=1e-9", f'run.init="{tmp_path / "src.pt"}"', f'run.out="{tmp_path / "run"}"',
+    ])
+    train(cfg)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert json.loads(state["config"])["model"]["widths"] == list(narrow.widths)  # the network of the init
+    assert float(state["model"]["head1.reg.bias"][0]) == pytest.approx(0.123, abs=1e-6)
