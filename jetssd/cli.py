@@ -7,6 +7,7 @@ is instant and works without the optional extras.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -238,6 +239,8 @@ def train(
             result = run_training(cfg, resume=resume, progress=on_progress)
         except (ValueError, FileNotFoundError) as exc:
             raise _fail(str(exc)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 validates and reports
+        return
     console.print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}"
                   + (" (stopped early)" if result.stopped_early else "") + f"; checkpoints in {result.out}",
                   soft_wrap=True)

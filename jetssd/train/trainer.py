@@ -344,7 +344,8 @@ def train(config: TrainConfig, resume: bool = False,
         seconds = time.perf_counter() - t0
         stop = False
         if rank == 0:
-            record = _validate(model, val_loader, device, config, epoch, train_losses, seconds,
+            # The unwrapped module: a DDP forward would start a buffer broadcast the other ranks never join.
+            record = _validate(_unwrap(model), val_loader, device, config, epoch, train_losses, seconds,
                                float(scheduler.get_last_lr()[0]), len(train_loader) * config.optim.batch_size * world)
             history.append(record)
             improved = record.val["loss"] < best_val - config.optim.min_delta

@@ -247,3 +247,25 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_network(event_file: 
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert json.loads(state["config"])["model"]["widths"] == list(narrow.widths)  # the network of the init
     assert float(state["model"]["head1.reg.bias"][0]) == pytest.approx(0.123, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_data_parallel_under_torchrun_on_cpu(event_file: Path, tmp_path: Path) -> None:
+    """The torchrun path (DistributedDataParallel, gloo on CPU here, NCCL on GPUs) trains and checkpoints."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc-per-node", "2", "-m", "jetssd.cli", "train",
+           "--set", f'data.train=["{event_file}"]', "--set", f'data.validation=["{event_file}"]',
+           "--set", "data.workers=0", "--set", "optim.epochs=1", "--set", "optim.batch_size=2",
+           "--set", "model.widths=[8,8,8,8,8,8,8,8,8,8,8]", "--set", f'run.out="{out}"']
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    history = json.loads((out / "metrics.jsonl").read_text())
+    assert np.isfinite(history["val"]["loss"])
+    assert done.stderr.count("best validation loss") == 1  # rank 0 reports, rank 1 does not
