@@ -142,9 +142,15 @@ def _check_arguments(variant: str, version: int, check_events: Sequence[SparsePi
 
 
 def _inference_net(state: dict[str, Any], train_config: dict[str, Any]) -> PFJetSSD:
-    """The checkpoint's training graph, loaded strictly, reduced to the eval-mode inference graph (fp32, CPU)."""
+    """The checkpoint's training graph, loaded strictly, reduced to the eval-mode inference graph (fp32, CPU).
+
+    A TWN checkpoint stores latent weights under ``…parametrizations.weight.original``: they are baked to
+    their ternary values α·{−1, 0, +1} first (plain checkpoints pass through unchanged).
+    """
+    from jetssd.quantize.twn import bake_state_dict
+
     model = PFJetSSD(NetConfig.from_dict(train_config["model"]), training_head=True)
-    model.load_state_dict(state["model"], strict=True)
+    model.load_state_dict(bake_state_dict(state["model"]), strict=True)
     return model.inference_model().float().cpu().eval()
 
 
