@@ -320,6 +320,37 @@ def evaluate(
     console.print(f"report: {report / 'report.json'}")
 
 
+@app.command()
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint trained with compress.flop_reg > 0.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New checkpoint (never the input; must not exist).")],
+    iteration: Annotated[int, typer.Option(help="Row 1–6 of the reference's caps schedule (6 = caps of 128).")] = 6,
+    caps: Annotated[str | None, typer.Option(help="Explicit caps for the 11 conv blocks, comma-separated "
+                                                  "('-' = no cap); overrides --iteration.")] = None,
+) -> None:
+    """Remove channels whose BN γ is small (network slimming, reference §5.2) and write a new checkpoint.
+
+    Fine-tune the result with `jetssd train --set run.init=OUT` (a fresh optimizer), then prune again.
+    """
+    from jetssd.prune import REFERENCE_CAPS, prune_checkpoint
+
+    if caps is not None:
+        try:
+            cap_list: list[int | None] = [None if c.strip() == "-" else int(c) for c in caps.split(",")]
+        except ValueError:
+            raise _fail(f"--caps: {caps!r} is not a comma-separated list of integers or '-'") from None
+    elif 1 <= iteration <= len(REFERENCE_CAPS):
+        cap_list = list(REFERENCE_CAPS[iteration - 1])
+    else:
+        raise _fail(f"--iteration: must be 1…{len(REFERENCE_CAPS)}")
+    try:
+        widths, record = prune_checkpoint(checkpoint, out, cap_list)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"wrote {out}: widths {list(widths)}; inference parameters "
+                  f"{record['params_before']['inference']:,} → {record['params_after']['inference']:,}", soft_wrap=True)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 

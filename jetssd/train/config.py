@@ -85,6 +85,24 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """Compression during training.
+
+    Attributes:
+        twn: ternary-weight quantization-aware training (:mod:`jetssd.quantize.twn`): per-filter Δ = 0.7·E|W|
+            and α, straight-through estimator, latent full-precision weights; usually with ``run.init`` = the
+            FPN checkpoint.
+        twn_layers: "depthwise" (the reference and the DSP contract) or "depthwise+pointwise".
+        flop_reg: strength of the ops-weighted BN-γ L1 regulariser of network slimming (reference 1e-11), added
+            to the training loss only; then ``jetssd prune``.
+    """
+
+    twn: bool = False
+    twn_layers: str = "depthwise"
+    flop_reg: float = 0.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = "runs/fpn"
     seed: int = 1
@@ -109,6 +127,7 @@ class TrainConfig:
     model: NetConfig = field(default_factory=NetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

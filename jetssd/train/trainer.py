@@ -173,6 +173,35 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # Epochs
 
 
+@dataclass
+class TrainingHooks:
+    """Compression hooks of a training step.
+
+    Attributes:
+        regularizer: returns a scalar added to the training objective (the pruning FLOP regulariser).
+        after_step: called after each optimizer step (the TWN quantizer's clamp of the latent weights).
+    """
+
+    regularizer: Callable[[], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+
+
+def compression_hooks(model: torch.nn.Module, config: TrainConfig) -> TrainingHooks:
+    """Attach what ``[compress]`` asks for to ``model`` (before DDP/compile wrapping) and return its hooks."""
+    hooks = TrainingHooks()
+    if config.compress.twn:
+        from jetssd.quantize.twn import attach_twn
+
+        quantizer = attach_twn(model, layers=config.compress.twn_layers)  # type: ignore[arg-type]
+        hooks.after_step = quantizer.after_step
+    if config.compress.flop_reg > 0:
+        from jetssd.prune import flop_regularizer
+
+        strength = config.compress.flop_reg
+        hooks.regularizer = lambda: flop_regularizer(model, strength)
+    return hooks
+
+
 def _batches(loader: DataLoader[Any], device: torch.device) -> Iterator[Batch]:
     for batch in loader:
         yield batch.to(device)
@@ -182,7 +211,8 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
               optimizer: torch.optim.Optimizer | None = None,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
               on_step: Callable[[int, dict[str, float]], None] | None = None,
-              detections: list[Any] | None = None, deadline: float | None = None) -> dict[str, float]:
+              detections: list[Any] | None = None, deadline: float | None = None,
+              hooks: TrainingHooks | None = None) -> dict[str, float]:
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates the loss.
 
     With ``detections`` (a list) in evaluation, the post-processed detections of the inference source
@@ -202,15 +232,22 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
             with _autocast(device, config):
                 loc, cls_logits, reg = model(image)
             parts = multibox_loss(loc, cls_logits, reg, batch.labels, batch.loc, batch.pt, config.loss)
+            values = parts.as_floats()
             if training:
                 assert optimizer is not None
+                objective = parts.total
+                if hooks is not None and hooks.regularizer is not None:
+                    penalty = hooks.regularizer()  # training loss only, never the validation loss (§10.17)
+                    objective = objective + penalty
+                    values["flop_reg"] = float(penalty.detach())
                 optimizer.zero_grad(set_to_none=True)
-                parts.total.backward()
+                objective.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 optimizer.step()
+                if hooks is not None and hooks.after_step is not None:
+                    hooks.after_step()
                 if scheduler is not None:
                     scheduler.step()
-            values = parts.as_floats()
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * parts.norm
             total_norm += parts.norm
@@ -300,7 +337,8 @@ def train(config: TrainConfig, resume: bool = False,
 
     model: torch.nn.Module = PFJetSSD(config.model, training_head=True)
     if init_state is not None:
-        model.load_state_dict(init_state["model"])
+        model.load_state_dict(init_state["model"])  # a plain (FPN or pruned) checkpoint: before any quantizer
+    hooks = compression_hooks(model, config)  # before a resume's load: TWN checkpoints hold latent-weight keys
     model = model.to(device)
     if config.run.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -340,7 +378,7 @@ def train(config: TrainConfig, resume: bool = False,
                 progress(f"epoch {_epoch + 1}/{config.optim.epochs}", step + 1, len(train_loader), values)
 
         train_losses = run_epoch(model, train_loader, device, config, optimizer, scheduler, on_step=on_train_step,
-                                 deadline=deadline)
+                                 deadline=deadline, hooks=hooks)
         seconds = time.perf_counter() - t0
         stop = False
         if rank == 0:

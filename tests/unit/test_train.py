@@ -269,3 +269,30 @@ def test_data_parallel_under_torchrun_on_cpu(event_file: Path, tmp_path: Path) -
     history = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(history["val"]["loss"])
     assert done.stderr.count("best validation loss") == 1  # rank 0 reports, rank 1 does not
+
+
+@pytest.mark.slow
+def test_twn_fine_tuning_then_export_gives_ternary_depthwise_filters(event_file: Path, tmp_path: Path) -> None:
+    from jetssd.export import export_model
+    from jetssd.quantize.twn import bake_state_dict
+    from jetssd.train.trainer import load_checkpoint, train
+
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_train_events=4", "data.max_val_events=2", "optim.epochs=1", "optim.batch_size=4",
+        "model.widths=[8,8,8,8,8,8,8,8,8,8,8]", "compress.twn=true", "compress.flop_reg=1e-11",
+        f'run.out="{tmp_path / "twn"}"',
+    ])
+    losses: list[dict[str, float]] = []
+    train(cfg, progress=lambda phase, step, total, values: losses.append(values) if phase != "validation" else None)
+    assert losses[0]["flop_reg"] > 0  # the slimming penalty is part of the training objective
+    state = load_checkpoint(tmp_path / "twn" / "last.pt")
+    latent = [k for k in state["model"] if k.endswith("parametrizations.weight.original")]
+    assert len(latent) == 10  # the depthwise convs of the 10 separable blocks
+    baked = bake_state_dict(state["model"])
+    for key in (k.replace(".parametrizations.weight.original", ".weight") for k in latent):
+        w = baked[key].reshape(baked[key].shape[0], -1)
+        for row in w:
+            assert len(torch.unique(row.abs())) <= 2  # {0, α}: ternary up to the filter's scale
+    path = export_model(tmp_path / "twn" / "last.pt", "twn", tmp_path / "repo")
+    assert (path / "model.onnx").stat().st_size > 0
