@@ -7,7 +7,8 @@
 # reference, ReLU which ONNX Runtime fuses into Conv), so their AP can be compared at equal budget.
 #
 # Environment: OUT (results), N_TRAIN / N_VAL events per channel, MINUTES of training per model, BATCH,
-# POOL (min-bias pool size), WORKERS (cores), ACTIVATIONS.
+# POOL (min-bias pool size), WORKERS (cores), ACTIVATIONS, EXTRA (more `jetssd train` arguments, e.g. a TWN
+# fine-tune: EXTRA='--set compress.twn=true --set run.init="models/fpn-relu-h200/best.pt"').
 set -euo pipefail
 OUT=${OUT:-out}
 N_TRAIN=${N_TRAIN:-20000}
@@ -17,6 +18,7 @@ WORKERS=${WORKERS:-16}
 DATA=${DATA:-/tmp/jetssd-data}
 ACTIVATIONS=${ACTIVATIONS:-"prelu relu"}
 BATCH=${BATCH:-64}
+EXTRA=${EXTRA:-}
 POOL=${POOL:-5000}
 
 export PYTHONPATH=$PWD
@@ -45,7 +47,7 @@ for act in $ACTIVATIONS; do
     --set "data.train=[\"$DATA/train/*.h5\"]" --set "data.validation=[\"$DATA/val/*.h5\"]" \
     --set "data.workers=$per_model_workers" --set "model.activation=\"$act\"" \
     --set optim.epochs=100 --set "optim.batch_size=$BATCH" --set optim.patience=100 \
-    --set "run.time_limit_minutes=$MINUTES" --set "run.out=\"$OUT/$act\"" \
+    --set "run.time_limit_minutes=$MINUTES" --set "run.out=\"$OUT/$act\"" $EXTRA \
     > "$OUT/train-$act.log" 2>&1 &
 done
 wait
