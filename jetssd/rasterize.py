@@ -57,6 +57,14 @@ def densify(pixels: SparsePixels, out: NDArray[np.float32] | None = None) -> NDA
     return out
 
 
+def sparsify(image: NDArray[np.floating]) -> SparsePixels:
+    """Dense image [3, 340, 360] (GeV) → its non-zero pixels, the inverse of :func:`densify`."""
+    if image.shape != geometry.IMAGE_SHAPE:
+        raise ValueError(f"image must have shape {geometry.IMAGE_SHAPE}, got {image.shape}")
+    flat = np.flatnonzero(image)
+    return SparsePixels.from_flat_index(flat.astype(np.int64), image.reshape(-1)[flat].astype(np.float64))
+
+
 def densify_batch(events: Sequence[SparsePixels]) -> NDArray[np.float32]:
     """Several events' pixels → dense float32 batch [N, 3, 340, 360]."""
     batch = np.zeros((len(events), *geometry.IMAGE_SHAPE), np.float32)

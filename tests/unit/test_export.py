@@ -29,7 +29,7 @@ from jetssd.export import ParityError, export_model, parity_report, sha256_file,
 from jetssd.inference import OnnxDetector
 from jetssd.model.network import PFJetSSD
 from jetssd.postprocess import Detections, PostprocessConfig, postprocess
-from jetssd.rasterize import densify_batch
+from jetssd.rasterize import densify_batch, sparsify
 from jetssd.train.config import TrainConfig
 from jetssd.train.trainer import EpochRecord, save_checkpoint
 
@@ -65,11 +65,7 @@ def write_checkpoint(path: Path, model: PFJetSSD, config: TrainConfig) -> Path:
 
 def pixels_of(images: np.ndarray) -> list[SparsePixels]:
     """Dense GeV images [N, 3, 340, 360] → sparse pixels per event."""
-    out = []
-    for image in images:
-        flat = np.flatnonzero(image)
-        out.append(SparsePixels.from_flat_index(flat.astype(np.int64), image.reshape(-1)[flat]))
-    return out
+    return [sparsify(image) for image in images]
 
 
 def assert_same_detections(got: list[Detections], want: list[Detections], exact: bool = True) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from jetssd import geometry as g
 from jetssd.event import InvalidInputError, PFCandidates, SparsePixels
-from jetssd.rasterize import densify, densify_batch, rasterize, rasterize_batch, rasterize_sparse
+from jetssd.rasterize import densify, densify_batch, rasterize, rasterize_batch, rasterize_sparse, sparsify
 
 
 def random_candidates(rng: np.random.Generator, n: int = 2500) -> PFCandidates:
@@ -142,3 +142,12 @@ def test_sparse_pixels_from_user_input_sums_duplicates_and_validates() -> None:
         with pytest.raises(InvalidInputError) as info:
             SparsePixels.from_arrays(**{"channel": [0], "ieta": [0], "iphi": [0], "value": [1.0], **kwargs})
         assert info.value.field == field
+
+
+def test_sparsify_inverts_densify() -> None:
+    pixels = rasterize_sparse(random_candidates(np.random.default_rng(11)))
+    back = sparsify(densify(pixels))
+    np.testing.assert_array_equal(back.flat_index, pixels.flat_index)
+    np.testing.assert_array_equal(back.value, pixels.value)
+    with pytest.raises(ValueError, match="shape"):
+        sparsify(np.zeros((3, 340, 10), np.float32))
