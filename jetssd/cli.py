@@ -351,6 +351,42 @@ def prune(
                   f"{record['params_before']['inference']:,} → {record['params_after']['inference']:,}", soft_wrap=True)
 
 
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported float model version folder "
+                                                              "(model_repository/pfjet_ssd_fpn/1).")],
+    calibration: Annotated[list[Path], typer.Option("--calibration", "-c", help="Event files for calibration "
+                                                                               "(repeatable).")],
+    repository: Annotated[Path, typer.Option(help="Model repository to write pfjet_ssd_int8/<version> into.")]
+    = Path("model_repository"),
+    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 200,
+    method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    version: Annotated[int, typer.Option(help="Version of the int8 model.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing version.")] = False,
+) -> None:
+    """Post-training static INT8 quantization of an exported float model with ONNX Runtime (per-channel int8
+    weights, integer Conv kernels; log1p, L2Norm and ECA stay float). TWN training: `jetssd train --set
+    compress.twn=true`."""
+    from jetssd.io import DatasetFormatError, open_events
+    from jetssd.quantize.int8 import quantize_model
+
+    if method not in ("minmax", "entropy", "percentile"):
+        raise _fail(f"--method: {method!r} is not minmax, entropy or percentile")
+    per_file = max(1, events // max(1, len(calibration)))
+    pixels: list[Any] = []
+    try:
+        for path in calibration:
+            with open_events(path) as f:
+                pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+        out = quantize_model(model, repository, pixels, version=version, method=method,  # type: ignore[arg-type]
+                             calibration_sources=[str(p) for p in calibration], overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, DatasetFormatError) as exc:
+        raise _fail(str(exc)) from None
+    parity = json.loads((out / "metadata.json").read_text())["quantization"]["parity"]
+    console.print(f"wrote {out} ({len(pixels)} calibration events); int8 vs float: {json.dumps(parity)}",
+                  soft_wrap=True)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
