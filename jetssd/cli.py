@@ -360,8 +360,11 @@ def quantize(
     repository: Annotated[Path, typer.Option(help="Model repository to write pfjet_ssd_int8/<version> into.")]
     = Path("model_repository"),
     events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 200,
-    method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    method: Annotated[str, typer.Option(help="percentile (default: clips the rare hot jet pixels that make "
+                                             "min-max ranges too coarse), minmax or entropy.")] = "percentile",
     version: Annotated[int, typer.Option(help="Version of the int8 model.")] = 1,
+    metrics: Annotated[Path | None, typer.Option(help="report.json of `jetssd evaluate` on this int8 model, to "
+                                                      "record as its test-set metrics.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing version.")] = False,
 ) -> None:
     """Post-training static INT8 quantization of an exported float model with ONNX Runtime (per-channel int8
@@ -378,8 +381,10 @@ def quantize(
         for path in calibration:
             with open_events(path) as f:
                 pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+        recorded = json.loads(metrics.read_text()) if metrics is not None else None
         out = quantize_model(model, repository, pixels, version=version, method=method,  # type: ignore[arg-type]
-                             calibration_sources=[str(p) for p in calibration], overwrite=overwrite)
+                             calibration_sources=[str(p) for p in calibration], metrics=recorded,
+                             overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, DatasetFormatError) as exc:
         raise _fail(str(exc)) from None
     parity = json.loads((out / "metadata.json").read_text())["quantization"]["parity"]

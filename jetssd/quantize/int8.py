@@ -61,10 +61,10 @@ bounds its memory without changing the result (running min/max)."""
 
 
 def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[SparsePixels], *, version: int = 1,
-                   per_channel: bool = True, fmt: Format = "qdq", method: Method = "minmax",
+                   per_channel: bool = True, fmt: Format = "qdq", method: Method = "percentile",
                    activation_type: ActivationType = "uint8", reduce_range: bool = False,
                    exclude: Sequence[str] = DEFAULT_EXCLUDE, calibration_sources: Sequence[str] = (),
-                   overwrite: bool = False) -> Path:
+                   metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Quantize the float model in ``float_dir`` to int8 as version ``version`` of ``pfjet_ssd_int8``.
 
     Args:
@@ -122,7 +122,7 @@ def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[Spar
                     "calibration_seconds": round(seconds, 2), "exclude_patterns": list(exclude),
                     "excluded_nodes": excluded, "preprocess": "quant_pre_process (symbolic shapes + ORT opt.)",
                     "parity": parity}
-        metadata = int8_metadata(float_meta, float_dir, version, sha256_file(out), settings)
+        metadata = int8_metadata(float_meta, float_dir, version, sha256_file(out), settings, metrics)
         _write_text_atomic(staging / METADATA_FILE, _to_json(metadata, "metadata", indent=2) + "\n")
         _publish(staging, final, overwrite)
     return final
@@ -280,16 +280,16 @@ def compare_outputs(float_model: Path, int8_model: Path, events: Sequence[Sparse
 
 
 def int8_metadata(float_meta: dict[str, Any], float_dir: Path, version: int, model_sha: str,
-                  quantization: dict[str, Any]) -> dict[str, Any]:
+                  quantization: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The float model's metadata re-labelled as the int8 version, with the ``quantization`` block.
 
     The float export's ORT ↔ PyTorch parity is kept under ``parity.float_export``; the int8 ↔ float numbers are
-    ``parity.int8_vs_float`` (and inside ``quantization``). The float model's metrics do not describe this graph,
-    so ``metrics`` starts empty.
+    ``parity.int8_vs_float`` (and inside ``quantization``). The float model's metrics do not describe this graph:
+    ``metrics`` holds what the caller measured on this one (a `jetssd evaluate` report), else it is empty.
     """
     meta = json.loads(json.dumps(float_meta))  # deep copy of plain JSON
     meta.update(name=model_name(VARIANT), variant=VARIANT, version=version, model_file=MODEL_FILE,
-                model_sha256=model_sha, metrics={}, quantization=quantization,
+                model_sha256=model_sha, metrics=metrics or {}, quantization=quantization,
                 parity={"float_export": float_meta.get("parity"), "int8_vs_float": quantization["parity"]},
                 float_model={"dir": str(float_dir), "name": float_meta.get("name"),
                              "version": float_meta.get("version"), "sha256": float_meta.get("model_sha256")})

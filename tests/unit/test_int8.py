@@ -82,7 +82,7 @@ def test_writes_model_and_metadata(int8_dir: Path, float_dir: Path) -> None:
     assert meta["anchors"] == float_meta["anchors"]
     assert meta["float_model"]["sha256"] == float_meta["model_sha256"]
     q = meta["quantization"]
-    assert (q["method"], q["format"], q["per_channel"], q["reduce_range"]) == ("minmax", "qdq", True, False)
+    assert (q["method"], q["format"], q["per_channel"], q["reduce_range"]) == ("percentile", "qdq", True, False)
     assert (q["activation_type"], q["weight_type"]) == ("uint8", "int8")
     assert q["calibration_events"] == 6
     assert q["calibration_sources"] == ["synthetic seed 11"]
