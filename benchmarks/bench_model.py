@@ -33,7 +33,7 @@ from _report import emit
 
 from jetssd.model.complexity import count_parameters, measure
 from jetssd.model.config import ACTIVATIONS, NetConfig
-from jetssd.model.network import PFJetSSD, export_onnx
+from jetssd.model.network import PFJetSSD, calibrate_batchnorm, export_onnx
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeat: int, rounds: int) -> dict[str, float]:
@@ -66,13 +66,8 @@ def calibrated_model(config: NetConfig, events: torch.Tensor) -> PFJetSSD:
     """Random-weight inference graph whose BN running stats are the batch stats of ``events`` (see module doc)."""
     torch.manual_seed(0)
     model = PFJetSSD(config, training_head=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch sets the stats exactly
-    model.train()
-    with torch.no_grad():
-        model(events)
-    return model.eval()
+    calibrate_batchnorm(model, events)
+    return model
 
 
 def optimized_op_counts(path: Path, threads: int) -> dict[str, int]:

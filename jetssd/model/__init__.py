@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 from jetssd.model.config import NetConfig
 
 if TYPE_CHECKING:
-    from jetssd.model.network import PFJetSSD, export_onnx
+    from jetssd.model.network import PFJetSSD, calibrate_batchnorm, export_onnx
 
-__all__ = ["NetConfig", "PFJetSSD", "export_onnx"]
+__all__ = ["NetConfig", "PFJetSSD", "calibrate_batchnorm", "export_onnx"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("PFJetSSD", "export_onnx"):
+    if name in ("PFJetSSD", "export_onnx", "calibrate_batchnorm"):
         from jetssd.model import network
 
         return getattr(network, name)

@@ -20,14 +20,13 @@ pytest.importorskip("onnxruntime")
 
 import onnx
 import torch
-from torch import nn
 
 from jetssd import export as export_mod
 from jetssd.anchors import INFERENCE_MAPS, AnchorConfig, anchor_centres
 from jetssd.event import SparsePixels
 from jetssd.export import ParityError, export_model, parity_report, sha256_file, synthetic_images
 from jetssd.inference import OnnxDetector
-from jetssd.model.network import PFJetSSD
+from jetssd.model.network import PFJetSSD, calibrate_batchnorm
 from jetssd.postprocess import Detections, PostprocessConfig, postprocess
 from jetssd.rasterize import densify_batch, sparsify
 from jetssd.train.config import TrainConfig
@@ -44,13 +43,8 @@ def calibrated_model(config: TrainConfig, seed: int = 0) -> PFJetSSD:
     """Training graph with BN running stats = the stats of one synthetic batch (train-mode forward), eval mode."""
     torch.manual_seed(seed)
     model = PFJetSSD(config.model, training_head=True)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(synthetic_images(2, seed=100 + seed)))
-    return model.eval()
+    calibrate_batchnorm(model, torch.from_numpy(synthetic_images(2, seed=100 + seed)))
+    return model
 
 
 def write_checkpoint(path: Path, model: PFJetSSD, config: TrainConfig) -> Path:

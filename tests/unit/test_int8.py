@@ -18,12 +18,11 @@ pytest.importorskip("onnxruntime")
 
 import onnx
 import torch
-from torch import nn
 
 from jetssd.event import SparsePixels
 from jetssd.export import export_model, synthetic_images
 from jetssd.inference import OnnxDetector
-from jetssd.model.network import PFJetSSD
+from jetssd.model.network import PFJetSSD, calibrate_batchnorm
 from jetssd.quantize.int8 import DEFAULT_EXCLUDE, compare_outputs, op_counts, quantize_model
 from jetssd.rasterize import sparsify
 from jetssd.train.config import TrainConfig
@@ -43,13 +42,7 @@ def float_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = TrainConfig().with_overrides([f"model.widths={SMALL_WIDTHS}", "run.seed=1"])
     torch.manual_seed(0)
     model = PFJetSSD(config.model, training_head=True)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # one train-mode batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(synthetic_images(2, seed=100)))
-    model.eval()
+    calibrate_batchnorm(model, torch.from_numpy(synthetic_images(2, seed=100)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     history = [EpochRecord(0, {"loss": 1.0}, {"loss": 1.0}, 1.0, 1e-3, 1.0)]

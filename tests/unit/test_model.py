@@ -28,6 +28,7 @@ from jetssd.model.network import (
     N_ANCHORS_INFERENCE,
     N_ANCHORS_TRAINING,
     PFJetSSD,
+    calibrate_batchnorm,
     export_onnx,
     inference_state_dict,
     source_shape,
@@ -37,19 +38,9 @@ FULL = (340, 360)
 
 
 def calibrate(model: PFJetSSD, images: torch.Tensor) -> PFJetSSD:
-    """Set BN running stats to the batch stats of ``images`` and return the model in eval mode.
-
-    A random network in eval mode with default BN stats (mean 0, var 1) shrinks its activations by ~10× per
-    depthwise block (Xavier on a 3×3 depthwise kernel), so its outputs are just the head biases and every
-    equality test would pass trivially. Calibrated stats keep the activations O(1).
-    """
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch gives exactly its stats
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
+    """BN statistics from ``images`` (see :func:`jetssd.model.calibrate_batchnorm`), eval mode."""
+    calibrate_batchnorm(model, images)
+    return model
 
 
 def events(n: int, hw: tuple[int, int] = FULL, seed: int = 0) -> torch.Tensor:
@@ -436,3 +427,18 @@ def test_detection_head_flatten_is_channels_last_safe() -> None:
     x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
     loc, cls, reg = head(x)
     assert (loc.shape, cls.shape, reg.shape) == ((2, 30, 2), (2, 30, 4), (2, 30, 1))
+
+
+def test_calibrate_batchnorm_sets_batch_statistics_and_keeps_momentum() -> None:
+    model = PFJetSSD(NetConfig(widths=(8,) * 11), training_head=False)
+    images = events(2, seed=5)
+    calibrate_batchnorm(model, images)
+    assert not model.training
+    first = model.backbone[0]
+    assert first.bn.momentum == 0.1  # restored after the one-batch cumulative average
+    with torch.no_grad():
+        conv_out = first.conv(first.pad(model.normalise(images)))
+    # The first BN's running mean/variance are exactly the batch statistics of the first conv's output.
+    torch.testing.assert_close(first.bn.running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(first.bn.running_var, conv_out.var(dim=(0, 2, 3), unbiased=True), rtol=1e-3,
+                               atol=1e-6)

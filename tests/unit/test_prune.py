@@ -21,7 +21,7 @@ from torch import nn
 from jetssd.model.complexity import conv_macs, count_parameters
 from jetssd.model.config import FULL_WIDTHS, PRUNED_WIDTHS, NetConfig
 from jetssd.model.layers import L2Norm
-from jetssd.model.network import PFJetSSD
+from jetssd.model.network import PFJetSSD, calibrate_batchnorm
 from jetssd.prune import (
     CONV_BLOCK_INDICES,
     REFERENCE_CAPS,
@@ -66,18 +66,10 @@ def images(n: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 def calibrate(model: PFJetSSD, x: torch.Tensor) -> PFJetSSD:
-    """BN running stats = the batch stats of ``x`` (non-trivial μ, σ²), then eval mode.
-
-    With default stats (μ = 0, σ² = 1) a random net's activations shrink towards 0 and a zero-input depthwise
-    BN gives exactly β: equality tests would be too easy.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one batch gives exactly its stats
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
+    """BN statistics from ``x`` (non-trivial μ, σ²: a zero-input depthwise BN would otherwise give exactly β and
+    equality tests would be too easy), eval mode."""
+    calibrate_batchnorm(model, x)
+    return model
 
 
 def outputs(model: PFJetSSD, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

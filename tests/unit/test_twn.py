@@ -21,7 +21,7 @@ from torch import nn
 
 from jetssd.model.config import NetConfig
 from jetssd.model.layers import ConvDW
-from jetssd.model.network import PFJetSSD, export_onnx
+from jetssd.model.network import PFJetSSD, calibrate_batchnorm, export_onnx
 from jetssd.quantize import twn
 from jetssd.quantize.twn import (
     LATENT_SUFFIX,
@@ -51,15 +51,8 @@ def events(n: int, hw: tuple[int, int] = CROP, seed: int = 0) -> torch.Tensor:
 
 
 def calibrate(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """BN running stats := batch stats of ``images``, then eval mode (keeps a random net's activations O(1), so
-    equality tests compare more than the head biases)."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
+    """BN statistics from ``images`` (keeps a random net's activations O(1)), eval mode."""
+    return calibrate_batchnorm(model, images)
 
 
 def narrow_model(seed: int = 0) -> PFJetSSD:
