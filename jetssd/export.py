@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 import jetssd
 from jetssd import geometry
 from jetssd.anchors import INFERENCE_MAPS, AnchorConfig
+from jetssd.atomic import write_text_atomic
 from jetssd.event import CLASS_NAMES, SparsePixels
 from jetssd.inference import INPUT_SHAPE, METADATA_FILE, MODEL_FILE, make_session
 from jetssd.model.complexity import conv_macs, count_parameters
@@ -123,7 +124,7 @@ def export_model(checkpoint: Path, variant: str, repository: Path, *, version: i
         metadata = build_metadata(net, variant, version, state, train_config, checkpoint, checkpoint_sha,
                                   sha256_file(onnx_path), parity)
         metadata["metrics"] = json.loads(metrics_json)
-        _write_text_atomic(staging / METADATA_FILE, _to_json(metadata, "metadata", indent=2) + "\n")
+        write_text_atomic(staging / METADATA_FILE, _to_json(metadata, "metadata", indent=2) + "\n")
         _publish(staging, final, overwrite)
     return final
 
@@ -398,16 +399,6 @@ def _staging_dir(parent: Path, version: int) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _publish(staging: Path, final: Path, overwrite: bool) -> None:

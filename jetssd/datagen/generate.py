@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jetssd.atomic import write_text_atomic
 from jetssd.event import BaselineJets, Event
 
 FORMATS = ("reference", "jetssd")
@@ -269,9 +270,7 @@ def _check_manifest(out_dir: Path, settings: GenerationSettings) -> None:
                 "use a new --out directory (or --overwrite to discard them)"
             )
         return
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps({"settings": settings.to_dict()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"settings": settings.to_dict()}, indent=2) + "\n")
 
 
 def _shard_is_complete(path: Path, shard: Shard) -> bool:

@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from jetssd import geometry
+from jetssd.atomic import write_bytes_atomic
 from jetssd.evaluate.matching import (
     DEFAULT_MAX_DR,
     DetectionRecords,
@@ -371,26 +371,6 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as strict JSON (NaN/inf → null) to a temporary file beside ``path``, then rename."""
     text = json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, then rename it onto ``path``.
-
-    Same folder, so :func:`os.replace` is an atomic rename on one file system; a crash leaves either the
-    old file or the new one, plus at worst a stray ``.tmp``.
-    """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read by others
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_plots(run: _Run, out_dir: Path) -> dict[str, str]:

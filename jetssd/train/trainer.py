@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from jetssd.anchors import INFERENCE_MAPS, TRAINING_MAPS, AnchorConfig, anchor_centres, pixels_to_eta_phi
+from jetssd.atomic import atomic_path
 from jetssd.event import TruthObjects
 from jetssd.model import NetConfig, PFJetSSD
 from jetssd.postprocess import PostprocessConfig, postprocess
@@ -151,9 +152,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "best_epoch": best_epoch,
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = path.with_suffix(".pt.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
