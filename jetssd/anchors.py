@@ -62,6 +62,9 @@ TRAINING_MAPS: tuple[FeatureMap, ...] = (FeatureMap(44, 46), FeatureMap(23, 24))
 """Source maps used in training (reference §3.2): 2024 + 552 = 2576 anchors."""
 
 
+LAYOUTS = ("receptive", "stretched")
+
+
 @dataclass(frozen=True)
 class AnchorConfig:
     """Box geometry and target encoding, shared by training and inference (stored in model metadata).
@@ -72,12 +75,17 @@ class AnchorConfig:
         variance: scale of the location target, which is in units of variance·box_size_px (4.6 px).
         match_iou: anchors whose best IoU with any ground truth is below this become background.
         pt_scale_gev: the pT target is ln(pT / pt_scale_gev).
+        layout: where the anchor of each cell sits (:func:`anchor_centres`): "receptive" (default) at the
+            centre of the cell's receptive field, which a translation-equivariant network can regress to;
+            "stretched" (the first shipped models) evenly spread over the image. A config or metadata
+            without this key predates it and means "stretched".
     """
 
     box_size_px: float = 46.0
     variance: float = 0.1
     match_iou: float = 0.5
     pt_scale_gev: float = 1000.0
+    layout: str = "receptive"
 
     def __post_init__(self) -> None:
         if not (0.0 < self.box_size_px <= Y_PERIOD / 2):
@@ -88,6 +96,8 @@ class AnchorConfig:
             raise ValueError(f"match_iou must be in (0, 1], got {self.match_iou}")
         if not (self.pt_scale_gev > 0.0 and math.isfinite(self.pt_scale_gev)):
             raise ValueError(f"pt_scale_gev must be a positive finite number, got {self.pt_scale_gev}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
     @property
     def loc_unit_px(self) -> float:
@@ -102,7 +112,7 @@ class AnchorConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"AnchorConfig: unknown key(s) {unknown}")
-        return cls(**d)
+        return cls(**{"layout": "stretched", **d})  # written before the layout existed: the stretched one
 
 
 @dataclass(frozen=True)
@@ -129,17 +139,47 @@ class AnchorTargets:
 # ------------------------------------------------------------------------------------------------ anchors
 
 
-def anchor_centres(maps: Sequence[FeatureMap]) -> NDArray[np.float64]:
-    """Anchor centres in pixel coordinates, float64 [P, 2] as (x, y).
+def pooling_depth(n_cells: int, n_pixels: int) -> int:
+    """How many AvgPool(k=2, s=2, p=1) stages turn ``n_pixels`` into ``n_cells`` (n → ⌊n/2⌋ + 1 each)."""
+    depth, n = 0, n_pixels
+    while n > n_cells:
+        n, depth = n // 2 + 1, depth + 1
+    if n != n_cells:
+        raise ValueError(f"a {n_cells}-cell axis is not a pooled {n_pixels}-pixel axis")
+    return depth
 
-    Cell (i, j) of an n_eta × n_phi map has its centre at ((i + 0.5)·340/n_eta, (j + 0.5)·360/n_phi), so
-    each map tiles the image exactly and its φ spacing is uniform across the seam. Order: map after
-    map; within a map i (η) outer, j (φ) inner, the NHWC flattening of the network's head outputs.
+
+def receptive_centres(n_cells: int, n_pixels: int) -> NDArray[np.float64]:
+    """Centres, in pixel coordinates, of the receptive fields of a pooled axis's cells, float64 [n_cells].
+
+    Pooling stage k averages cells 2o − 1 and 2o of stage k − 1 (the first is the zero padding for o = 0),
+    and 'same' 3×3 convolutions do not move centres, so cell o after k stages is centred at
+    2^k·o − (2^(k−1) − 1): 8o − 3 after three stages (the 44 × 46 map), 16o − 7 after four (23 × 24).
     """
+    k = pooling_depth(n_cells, n_pixels)
+    offset = 2.0 ** (k - 1) - 1.0 if k > 0 else -0.5  # k = 0: pixel o is centred at o + 0.5
+    return (2.0**k) * np.arange(n_cells, dtype=np.float64) - offset
+
+
+def anchor_centres(maps: Sequence[FeatureMap], layout: str = "stretched") -> NDArray[np.float64]:
+    """Anchor centres in pixel coordinates, float64 [P, 2] as (x, y), y in [0, 360).
+
+    ``layout`` (see :class:`AnchorConfig`): "receptive" puts the anchor of a cell at the centre of its
+    receptive field (:func:`receptive_centres`), so the offset to regress is the same everywhere in the
+    image; "stretched" (the layout of the first shipped models) at ((i + 0.5)·340/n_eta, (j + 0.5)·360/n_phi),
+    evenly spread but drifting by up to ±7 px from the receptive fields. Order: map after map; within a map
+    i (η) outer, j (φ) inner, the NHWC flattening of the network's head outputs.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     parts = []
     for fm in maps:
-        x = (np.arange(fm.n_eta, dtype=np.float64) + 0.5) * (X_EXTENT / fm.n_eta)
-        y = (np.arange(fm.n_phi, dtype=np.float64) + 0.5) * (Y_PERIOD / fm.n_phi)
+        if layout == "receptive":
+            x = receptive_centres(fm.n_eta, int(X_EXTENT))
+            y = np.mod(receptive_centres(fm.n_phi, int(Y_PERIOD)), Y_PERIOD)
+        else:
+            x = (np.arange(fm.n_eta, dtype=np.float64) + 0.5) * (X_EXTENT / fm.n_eta)
+            y = (np.arange(fm.n_phi, dtype=np.float64) + 0.5) * (Y_PERIOD / fm.n_phi)
         xx, yy = np.meshgrid(x, y, indexing="ij")
         parts.append(np.stack([xx.ravel(), yy.ravel()], axis=-1))
     if not parts:

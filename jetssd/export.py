@@ -313,10 +313,10 @@ def _geometry() -> dict[str, Any]:
 
 
 def _anchor_config(train_config: dict[str, Any]) -> AnchorConfig:
-    """The anchor config training used: the trainer has none of its own yet and uses the defaults, so take a
-    config section ``anchors`` when a future trainer writes one, else the defaults."""
+    """The anchor config training used: its ``anchors`` section; a checkpoint without one predates the section
+    and was trained with the defaults of its time, i.e. the "stretched" layout."""
     section = train_config.get("anchors")
-    return AnchorConfig.from_dict(section) if isinstance(section, dict) else AnchorConfig()
+    return AnchorConfig.from_dict(section if isinstance(section, dict) else {})
 
 
 def _training_summary(state: dict[str, Any], train_config: dict[str, Any]) -> dict[str, Any]:

@@ -123,8 +123,8 @@ class OnnxDetector:
         self._output_names = [str(o["name"]) for o in self._meta["outputs"]]
         anchors_meta = self._meta["anchors"]
         self._maps = tuple(FeatureMap(int(m["n_eta"]), int(m["n_phi"])) for m in anchors_meta["maps"])
-        self._anchors = anchor_centres(self._maps)
         self._anchor_config = AnchorConfig.from_dict(anchors_meta["config"])
+        self._anchors = anchor_centres(self._maps, self._anchor_config.layout)
         self._postprocess_config = postprocess_config or PostprocessConfig.from_dict(
             self._meta.get("postprocess", {}))
         self._check_graph()

@@ -227,9 +227,11 @@ def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float64]:
 def _detections(outputs: Sequence[NDArray[np.float32]], meta: dict[str, Any]) -> list[Detections]:
     """Post-processed detections with score ≥ :data:`PARITY_SCORE` (anchors and config from the metadata)."""
     loc, cls_logits, reg = outputs
-    anchors = anchor_centres(tuple(FeatureMap(int(m["n_eta"]), int(m["n_phi"])) for m in meta["anchors"]["maps"]))
+    anchor_config = AnchorConfig.from_dict(meta["anchors"]["config"])
+    anchors = anchor_centres(tuple(FeatureMap(int(m["n_eta"]), int(m["n_phi"])) for m in meta["anchors"]["maps"]),
+                             anchor_config.layout)
     config = PostprocessConfig.from_dict({**meta.get("postprocess", {}), "confidence_threshold": PARITY_SCORE})
-    dets = postprocess(cls_logits, loc, reg, anchors, AnchorConfig.from_dict(meta["anchors"]["config"]), config)
+    dets = postprocess(cls_logits, loc, reg, anchors, anchor_config, config)
     return [_score_at_least(d) for d in dets]
 
 

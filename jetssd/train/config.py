@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jetssd.anchors import AnchorConfig
 from jetssd.model.config import NetConfig
 
 
@@ -128,6 +129,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +144,10 @@ class TrainConfig:
         kwargs = {}
         for name, value in d.items():
             section_cls = type(getattr(cls(), name))
+            if name == "anchors" and isinstance(value, dict):
+                # AnchorConfig.from_dict reads a missing layout as the legacy "stretched" one (old model
+                # metadata); in a training config a missing key means today's default.
+                value = {"layout": AnchorConfig().layout, **value}
             kwargs[name] = _section_from_dict(section_cls, value, name)
         return cls(**kwargs)
 

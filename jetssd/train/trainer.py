@@ -224,8 +224,8 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
     model.train(training)
     sums: dict[str, float] = {}
     total_norm = 0
-    anchors = anchor_centres(INFERENCE_MAPS)
-    anchor_config = AnchorConfig()
+    anchor_config = config.anchors
+    anchors = anchor_centres(INFERENCE_MAPS, anchor_config.layout)
     with torch.set_grad_enabled(training):
         for step, batch in enumerate(_batches(loader, device)):
             image = densify(batch, channels_last=config.run.channels_last and device.type == "cuda")
@@ -308,15 +308,18 @@ def train(config: TrainConfig, resume: bool = False,
     init_state = None
     if config.run.init:
         init_state = load_checkpoint(Path(config.run.init))
-        init_model = NetConfig.from_dict(json.loads(init_state["config"])["model"])
-        config = dataclasses.replace(config, model=init_model)
+        init_config = json.loads(init_state["config"])
+        # The network and its anchors come from the checkpoint (a section-less checkpoint predates the anchor
+        # layout: AnchorConfig.from_dict({}) is its "stretched" layout).
+        config = dataclasses.replace(config, model=NetConfig.from_dict(init_config["model"]),
+                                     anchors=AnchorConfig.from_dict(init_config.get("anchors", {})))
     out = Path(config.run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.dumps() + "\n")
 
-    anchors = anchor_centres(TRAINING_MAPS)
-    anchor_config = AnchorConfig()
+    anchor_config = config.anchors
+    anchors = anchor_centres(TRAINING_MAPS, anchor_config.layout)
     loaders = max(1, config.data.workers)
     train_events = PackedEvents.load(expand_paths(config.data.train), config.data.max_train_events, loaders)
     val_events = PackedEvents.load(expand_paths(config.data.validation), config.data.max_val_events, loaders)

@@ -388,7 +388,11 @@ def test_anchor_config_dict_round_trip_and_validation() -> None:
     cfg = AnchorConfig(box_size_px=40.0, variance=0.2, match_iou=0.4, pt_scale_gev=800.0)
     assert AnchorConfig.from_dict(cfg.to_dict()) == cfg
     assert AnchorConfig().to_dict() == {"box_size_px": 46.0, "variance": 0.1, "match_iou": 0.5,
-                                        "pt_scale_gev": 1000.0}
+                                        "pt_scale_gev": 1000.0, "layout": "receptive"}
+    # Metadata written before the layout existed means the layout of its time.
+    assert AnchorConfig.from_dict({"box_size_px": 46.0}).layout == "stretched"
+    with pytest.raises(ValueError, match="layout"):
+        AnchorConfig(layout="square")
     assert CFG.loc_unit_px == pytest.approx(4.6)
     with pytest.raises(ValueError, match="unknown"):
         AnchorConfig.from_dict({"box_size": 46.0})
@@ -396,3 +400,35 @@ def test_anchor_config_dict_round_trip_and_validation() -> None:
                 {"pt_scale_gev": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             AnchorConfig(**bad)
+
+
+def test_receptive_layout_sits_on_the_pooled_cells_centres() -> None:
+    """After three k2-s2-p1 pools cell o is centred at 8o − 3 px, after four at 16o − 7 (φ wrapped)."""
+    from jetssd.anchors import pooling_depth, receptive_centres
+
+    assert [pooling_depth(n, 340) for n in (340, 171, 86, 44, 23)] == [0, 1, 2, 3, 4]
+    assert [pooling_depth(n, 360) for n in (181, 91, 46, 24)] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="not a pooled"):
+        pooling_depth(45, 360)
+    np.testing.assert_array_equal(receptive_centres(44, 340)[:3], [-3.0, 5.0, 13.0])
+    np.testing.assert_array_equal(receptive_centres(23, 340)[:2], [-7.0, 9.0])
+    np.testing.assert_array_equal(receptive_centres(171, 340)[:2], [0.0, 2.0])
+    anchors = anchor_centres(TRAINING_MAPS, "receptive")
+    assert anchors.shape == (2576, 2)
+    assert np.all((anchors[:, 1] >= 0) & (anchors[:, 1] < 360))
+    np.testing.assert_array_equal(anchors[1], [-3.0, 5.0])  # cell (0, 1)
+    np.testing.assert_array_equal(anchors[0], [-3.0, 357.0])  # cell (0, 0): −3 wraps round the seam
+    np.testing.assert_array_equal(anchors[2024 + 24 + 2], [9.0, 25.0])  # map 2, cell (1, 2)
+    # Same order and count as the stretched layout, so heads and anchors line up either way.
+    assert anchor_centres(TRAINING_MAPS, "stretched").shape == anchors.shape
+
+
+def test_a_legacy_model_keeps_its_stretched_anchors_in_the_detector() -> None:
+    from pathlib import Path
+
+    from jetssd.inference import OnnxDetector
+
+    shipped = Path(__file__).resolve().parents[2] / "model_repository" / "pfjet_ssd_fpn"
+    detector = OnnxDetector(shipped, threads=1)
+    assert detector.anchor_config.layout == "stretched"
+    np.testing.assert_array_equal(detector.anchors, anchor_centres(INFERENCE_MAPS, "stretched"))

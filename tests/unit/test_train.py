@@ -296,3 +296,22 @@ def test_twn_fine_tuning_then_export_gives_ternary_depthwise_filters(event_file:
             assert len(torch.unique(row.abs())) <= 2  # {0, α}: ternary up to the filter's scale
     path = export_model(tmp_path / "twn" / "last.pt", "twn", tmp_path / "repo")
     assert (path / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_shipped_legacy_checkpoint_keeps_its_anchor_layout(event_file: Path, tmp_path: Path) -> None:
+    """The shipped FPN predates the anchors section: fine-tuning it must keep its "stretched" anchors."""
+    from jetssd.train.trainer import load_checkpoint, train
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "fpn-relu-h200" / "best.pt"
+    assert "anchors" not in json.loads(load_checkpoint(shipped)["config"])
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_train_events=4", "data.max_val_events=2", "optim.epochs=1", "optim.batch_size=4",
+        f'run.init="{shipped}"', f'run.out="{tmp_path / "ft"}"',
+    ])
+    assert cfg.anchors.layout == "receptive"  # today's default for new training …
+    train(cfg)
+    written = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert written["anchors"]["layout"] == "stretched"  # … but a fine-tune keeps the checkpoint's
+    assert json.loads(load_checkpoint(tmp_path / "ft" / "last.pt")["config"])["anchors"]["layout"] == "stretched"
