@@ -367,9 +367,11 @@ def quantize(
                                                       "record as its test-set metrics.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing version.")] = False,
 ) -> None:
-    """Post-training static INT8 quantization of an exported float model with ONNX Runtime (per-channel int8
-    weights, integer Conv kernels; log1p, L2Norm and ECA stay float). TWN training: `jetssd train --set
-    compress.twn=true`."""
+    """Post-training INT8 quantization of an exported float model with ONNX Runtime.
+
+    Per-channel int8 weights and integer Conv kernels; log1p, L2Norm and ECA stay float. Writes
+    REPOSITORY/pfjet_ssd_int8/<version>. (TWN is trained: `jetssd train --set compress.twn=true`.)
+    """
     from jetssd.io import DatasetFormatError, open_events
     from jetssd.quantize.int8 import quantize_model
 
