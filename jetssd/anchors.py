@@ -161,7 +161,27 @@ def receptive_centres(n_cells: int, n_pixels: int) -> NDArray[np.float64]:
     return (2.0**k) * np.arange(n_cells, dtype=np.float64) - offset
 
 
-def anchor_centres(maps: Sequence[FeatureMap], layout: str = "stretched") -> NDArray[np.float64]:
+def crop_maps(crop: int, n_sources: int = 2) -> tuple[FeatureMap, ...]:
+    """Source maps of the network on a ``crop`` × ``crop`` input: the sizes after 3 (and 4) pools.
+
+    Each reference pool (k=2, s=2, p=1) maps n → ⌊n/2⌋ + 1, so a 128 crop gives 17 × 17 and 9 × 9
+    (289 + 81 = 370 anchors with ``n_sources=2``, the training graph; 289 with 1, the inference graph).
+    """
+    if crop < 1:
+        raise ValueError(f"crop must be a positive number of pixels, got {crop}")
+    if n_sources not in (1, 2):
+        raise ValueError(f"n_sources must be 1 or 2, got {n_sources}")
+    maps, n = [], crop
+    for depth in range(1, 5):
+        n = n // 2 + 1
+        if depth >= 3:
+            maps.append(FeatureMap(n, n))
+    return tuple(maps[:n_sources])
+
+
+def anchor_centres(maps: Sequence[FeatureMap], layout: str = "stretched",
+                   extent: tuple[int, int] = (int(X_EXTENT), int(Y_PERIOD)),
+                   periodic_phi: bool = True) -> NDArray[np.float64]:
     """Anchor centres in pixel coordinates, float64 [P, 2] as (x, y), y in [0, 360).
 
     ``layout`` (see :class:`AnchorConfig`): "receptive" puts the anchor of a cell at the centre of its
@@ -169,14 +189,26 @@ def anchor_centres(maps: Sequence[FeatureMap], layout: str = "stretched") -> NDA
     image; "stretched" (the layout of the first shipped models) at ((i + 0.5)·340/n_eta, (j + 0.5)·360/n_phi),
     evenly spread but drifting by up to ±7 px from the receptive fields. Order: map after map; within a map
     i (η) outer, j (φ) inner, the NHWC flattening of the network's head outputs.
+
+    ``extent`` is the (η, φ) size in pixels of the image the maps were pooled from: (340, 360) for full
+    events, (C, C) for a training crop (see :func:`crop_maps`). With ``periodic_phi=False`` (a crop, whose
+    φ edges are not neighbours) y is not wrapped: the first receptive centre, −3 or −7, stays negative.
+    Only the "receptive" layout supports a non-default extent (a stretched anchor drifts with the image
+    size, so a crop's anchors would not be the full image's).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n_x, n_y = int(extent[0]), int(extent[1])
+    if layout != "receptive" and ((n_x, n_y) != (int(X_EXTENT), int(Y_PERIOD)) or not periodic_phi):
+        raise ValueError(f"layout {layout!r} has anchors for the full {int(X_EXTENT)}×{int(Y_PERIOD)} periodic "
+                         "image only; crops need the 'receptive' layout")
     parts = []
     for fm in maps:
         if layout == "receptive":
-            x = receptive_centres(fm.n_eta, int(X_EXTENT))
-            y = np.mod(receptive_centres(fm.n_phi, int(Y_PERIOD)), Y_PERIOD)
+            x = receptive_centres(fm.n_eta, n_x)
+            y = receptive_centres(fm.n_phi, n_y)
+            if periodic_phi:
+                y = np.mod(y, Y_PERIOD)
         else:
             x = (np.arange(fm.n_eta, dtype=np.float64) + 0.5) * (X_EXTENT / fm.n_eta)
             y = (np.arange(fm.n_phi, dtype=np.float64) + 0.5) * (Y_PERIOD / fm.n_phi)
@@ -215,8 +247,8 @@ def _as_float(a: ArrayLike) -> NDArray[np.floating[Any]]:
     return arr.astype(np.float32 if arr.dtype == np.float32 else np.float64, copy=False)
 
 
-def wrapped_iou(a: ArrayLike, b: ArrayLike, box_size_px: float, *, elementwise: bool = False
-                ) -> NDArray[np.floating[Any]]:
+def wrapped_iou(a: ArrayLike, b: ArrayLike, box_size_px: float, *, elementwise: bool = False,
+                periodic_phi: bool = True) -> NDArray[np.floating[Any]]:
     """IoU of equal axis-aligned squares of side ``box_size_px`` centred on ``a`` and ``b``, φ wrapped.
 
     Args:
@@ -225,13 +257,14 @@ def wrapped_iou(a: ArrayLike, b: ArrayLike, box_size_px: float, *, elementwise: 
         box_size_px: square side s, pixels, at most 180 so that two boxes overlap at most once.
         elementwise: instead of all pairs, the IoU of a[..., k, :] with b[..., k, :]: a and b are
             [..., 2] and broadcast together, the result is [...].
+        periodic_phi: False for a crop, whose y axis is not periodic: plain distances, no wrap.
 
     Returns:
         [..., A, B] IoU in [0, 1] (or [...] when ``elementwise``), float32 when both inputs are float32,
         else float64. The y distance is taken the short way round the period of 360, so boxes at y = 2
         and y = 358 are 4 px apart.
     """
-    ox, oy, s = _overlaps(a, b, box_size_px, elementwise)
+    ox, oy, s = _overlaps(a, b, box_size_px, elementwise, periodic_phi)
     np.maximum(ox, 0, out=ox)
     np.maximum(oy, 0, out=oy)
     inter = np.multiply(ox, oy, out=ox)
@@ -258,12 +291,13 @@ def wrapped_iou_above(a: ArrayLike, b: ArrayLike, box_size_px: float, threshold:
     return np.greater(inter, s.dtype.type(2 * float(s) ** 2 * threshold / (1 + threshold)))
 
 
-def _overlaps(a: ArrayLike, b: ArrayLike, box_size_px: float, elementwise: bool
+def _overlaps(a: ArrayLike, b: ArrayLike, box_size_px: float, elementwise: bool, periodic_phi: bool = True
               ) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]], np.floating[Any]]:
     """Signed overlaps along x and y (negative when apart) of squares of side s centred on a and b.
 
     Returns (ox, oy), [..., A, B] for a [..., A, 2] and b [..., B, 2] (or broadcast [...] when
     ``elementwise``), and s as a numpy scalar; float32 when both inputs are float32, else float64.
+    ``periodic_phi=False`` takes y distances as they are (crop coordinates), not the short way round.
     """
     a_arr = np.asarray(a)
     b_arr = np.asarray(b)
@@ -277,8 +311,10 @@ def _overlaps(a: ArrayLike, b: ArrayLike, box_size_px: float, elementwise: bool
     bx: NDArray[np.floating[Any]] = b_arr[..., 0].astype(dtype, copy=False)
     # Wrapping the inputs (A + B values) makes |Δy| < 360, so the short way is min(|Δy|, 360 − |Δy|)
     # without a modulo on the A × B matrix.
-    ay = wrap_y(a_arr[..., 1].astype(dtype, copy=False))
-    by = wrap_y(b_arr[..., 1].astype(dtype, copy=False))
+    ay = a_arr[..., 1].astype(dtype, copy=False)
+    by = b_arr[..., 1].astype(dtype, copy=False)
+    if periodic_phi:
+        ay, by = wrap_y(ay), wrap_y(by)
     if not elementwise:
         ax, ay = ax[..., :, None], ay[..., :, None]
         bx, by = bx[..., None, :], by[..., None, :]
@@ -288,8 +324,11 @@ def _overlaps(a: ArrayLike, b: ArrayLike, box_size_px: float, elementwise: bool
     np.subtract(s, ox, out=ox)
     dy = np.subtract(ay, by)
     np.abs(dy, out=dy)
-    oy = np.subtract(dtype(Y_PERIOD), dy)
-    np.minimum(dy, oy, out=oy)
+    if periodic_phi:
+        oy = np.subtract(dtype(Y_PERIOD), dy)
+        np.minimum(dy, oy, out=oy)
+    else:
+        oy = dy
     np.subtract(s, oy, out=oy)
     return ox, oy, s
 
@@ -320,16 +359,20 @@ def truth_pixels(truth: TruthObjects) -> tuple[NDArray[np.float64], NDArray[np.i
     return xy, labels, pt[keep]
 
 
-def encode_centres(gt_xy: ArrayLike, anchors: ArrayLike, config: AnchorConfig) -> NDArray[np.float64]:
+def encode_centres(gt_xy: ArrayLike, anchors: ArrayLike, config: AnchorConfig, periodic_phi: bool = True
+                   ) -> NDArray[np.float64]:
     """Location targets of centres ``gt_xy`` [..., 2] relative to ``anchors`` [..., 2] (broadcasting).
 
     Returns float64 [..., 2]: (Δx, Δy) / (variance · box_size) with Δ = gt − anchor and Δy wrapped into
-    [−180, 180), so a ground truth across the φ seam from its anchor gets a small offset.
+    [−180, 180), so a ground truth across the φ seam from its anchor gets a small offset
+    (``periodic_phi=False``, crop coordinates: Δy as it is).
     """
     g = np.asarray(gt_xy, dtype=np.float64)
     a = np.asarray(anchors, dtype=np.float64)
     dx = g[..., 0] - a[..., 0]
-    dy = wrap_dy(g[..., 1] - a[..., 1])
+    dy = g[..., 1] - a[..., 1]
+    if periodic_phi:
+        dy = wrap_dy(dy)
     return np.stack([dx, dy], axis=-1) / config.loc_unit_px
 
 
@@ -383,7 +426,7 @@ def pixels_to_eta_phi(xy: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.fl
 
 
 def match(gt_xy: ArrayLike, gt_labels: ArrayLike, gt_pt: ArrayLike, anchors: ArrayLike,
-          config: AnchorConfig) -> AnchorTargets:
+          config: AnchorConfig, periodic_phi: bool = True) -> AnchorTargets:
     """SSD matching of ground-truth objects to anchors with the φ-wrapped IoU, and target encoding.
 
     1. Each anchor takes the ground truth it overlaps most (ties: the lower GT index).
@@ -398,6 +441,8 @@ def match(gt_xy: ArrayLike, gt_labels: ArrayLike, gt_pt: ArrayLike, anchors: Arr
         gt_pt: [G] pT, GeV, > 0.
         anchors: [P, 2] anchor centres, pixels (see :func:`anchor_centres`).
         config: box size, variance, match threshold and pT scale.
+        periodic_phi: False when matching in crop coordinates (:func:`anchor_centres` with
+            ``periodic_phi=False``): the y axis of a crop is an interval, its edges are not neighbours.
 
     Returns:
         :class:`AnchorTargets` with loc = :func:`encode_centres` and pt = :func:`encode_pt` of each positive
@@ -411,7 +456,7 @@ def match(gt_xy: ArrayLike, gt_labels: ArrayLike, gt_pt: ArrayLike, anchors: Arr
     if len(g_xy) == 0 or n_anchors == 0:
         return AnchorTargets(labels, loc, pt)
 
-    iou = wrapped_iou(g_xy, a_xy, config.box_size_px)  # [G, P]
+    iou = wrapped_iou(g_xy, a_xy, config.box_size_px, periodic_phi=periodic_phi)  # [G, P]
     best_gt = np.argmax(iou, axis=0)  # [P]
     best_iou = iou[best_gt, np.arange(n_anchors)]
     best_anchor = np.argmax(iou, axis=1)  # [G], argmax takes the first (lowest-index) maximum
@@ -425,7 +470,7 @@ def match(gt_xy: ArrayLike, gt_labels: ArrayLike, gt_pt: ArrayLike, anchors: Arr
     pos = forced | (best_iou >= config.match_iou)
     gt_of_pos = best_gt[pos]
     labels[pos] = g_lab[gt_of_pos]
-    loc[pos] = encode_centres(g_xy[gt_of_pos], a_xy[pos], config)
+    loc[pos] = encode_centres(g_xy[gt_of_pos], a_xy[pos], config, periodic_phi)
     pt[pos] = encode_pt(g_pt[gt_of_pos], config)
     return AnchorTargets(labels, loc, pt)
 

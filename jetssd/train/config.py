@@ -28,6 +28,11 @@ from typing import Any
 from jetssd.anchors import AnchorConfig
 from jetssd.model.config import NetConfig
 
+CROP_MIN = 64
+"""Smallest training crop side, pixels."""
+CROP_MAX = 340
+"""Largest training crop side, pixels: the η extent of the image."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -40,6 +45,12 @@ class DataConfig:
         roll_phi: rotate every training event by a uniform random number of φ pixels (φ is periodic,
             so this is an exact symmetry of the physics and multiplies the effective statistics).
         workers: DataLoader worker processes (targets are matched in numpy inside the workers).
+        crop: 0 trains on full 340 × 360 images; C (64…340) trains on random C × C crops (≈ pixel-count
+            times cheaper on a CPU), validation staying on full images. Needs ``anchors.layout =
+            "receptive"``: only then is an anchor at the same place relative to its receptive field in a
+            crop as in the full image.
+        crop_on_object: probability that a crop is centred near a random truth object rather than placed
+            uniformly (signal is sparse: a uniform 128 crop of a 340 × 360 event mostly sees background).
     """
 
     train: tuple[str, ...] = ()
@@ -50,6 +61,16 @@ class DataConfig:
     flip_phi: float = 0.5
     roll_phi: bool = True
     workers: int = 2
+    crop: int = 0
+    crop_on_object: float = 0.75
+
+    def __post_init__(self) -> None:
+        # 64: below it the second source map is ~5 cells, mostly border; 340: the η extent of the image.
+        if self.crop != 0 and not (CROP_MIN <= self.crop <= CROP_MAX):
+            raise ValueError(f"data.crop must be 0 (full images) or in [{CROP_MIN}, {CROP_MAX}] pixels, "
+                             f"got {self.crop}")
+        if not (0.0 <= self.crop_on_object <= 1.0):
+            raise ValueError(f"data.crop_on_object must be a probability in [0, 1], got {self.crop_on_object}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,12 @@ class TrainConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # A stretched anchor's place depends on the image size, so crop targets would not be full-image ones.
+        if self.data.crop and self.anchors.layout != "receptive":
+            raise ValueError(f"data.crop = {self.data.crop} needs anchors.layout = 'receptive', "
+                             f"got {self.anchors.layout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}

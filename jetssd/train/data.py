@@ -5,6 +5,10 @@ events (≈ 2.5k pixels ≈ 20 kB per event at pileup 50 instead of a 1.47 MB de
 :func:`densify` scatters them into a dense ``[B, 3, 340, 360]`` tensor on the GPU (or CPU). Augmentation
 (η flip, φ flip, φ roll) acts on the sparse indices and on the truth coordinates together, and the
 anchor targets are computed per event with the shared numpy matcher of :mod:`jetssd.anchors`.
+
+With ``DataConfig.crop = C`` the training events are cut to a random C × C window after augmentation
+(:func:`crop_event`); the batch then carries ``[B, 3, C, C]`` images and crop-anchor targets, and its
+``image_shape`` tells :func:`densify` the size.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
 from jetssd import geometry
-from jetssd.anchors import AnchorConfig, match, truth_pixels
+from jetssd.anchors import AnchorConfig, match, truth_pixels, wrap_y
 from jetssd.io import open_events
 from jetssd.train.config import DataConfig
 
 IMAGE_SIZE = geometry.N_CHANNELS * geometry.N_ETA * geometry.N_PHI
+"""Elements of one full [3, 340, 360] image (a crop batch uses ``Batch.image_shape`` instead)."""
 _PLANE = geometry.N_ETA * geometry.N_PHI
 
 
@@ -174,9 +179,62 @@ def augment_event(flat: NDArray[np.int32], xy: NDArray[np.float64], rng: np.rand
     return ((channel * geometry.N_ETA + ieta) * geometry.N_PHI + iphi).astype(np.int32), xy
 
 
+def crop_origin(xy: NDArray[np.float64], crop: int, rng: np.random.Generator, on_object: float) -> tuple[int, int]:
+    """Random origin (x0, y0) of a ``crop`` × ``crop`` window: x0 in [0, 340 − crop], y0 in [0, 360).
+
+    With probability ``on_object`` (and at least one truth object in ``xy`` [g, 2]) the window is centred
+    within ±crop/4 of a random object, which it then contains; otherwise it is uniform. y0 + crop may pass
+    360: the window then straddles the φ seam.
+    """
+    x_max = geometry.N_ETA - crop
+    if len(xy) and rng.random() < on_object:
+        k = int(rng.integers(len(xy)))
+        jitter = rng.uniform(-crop / 4, crop / 4, 2)
+        x0 = int(np.clip(np.floor(xy[k, 0] - crop / 2 + jitter[0]), 0, x_max))
+        y0 = int(np.floor(xy[k, 1] - crop / 2 + jitter[1])) % geometry.N_PHI
+        return x0, y0
+    return int(rng.integers(x_max + 1)), int(rng.integers(geometry.N_PHI))
+
+
+def crop_event(flat: NDArray[np.int32], value: NDArray[np.float32], xy: NDArray[np.float64],
+               label: NDArray[np.int64], pt: NDArray[np.float64], crop: int, origin: tuple[int, int]
+               ) -> tuple[NDArray[np.int32], NDArray[np.float32], NDArray[np.float64], NDArray[np.int64],
+                          NDArray[np.float64]]:
+    """Cut one event to the window [x0, x0 + crop) × [y0, y0 + crop) (y modulo 360), in crop coordinates.
+
+    Args:
+        flat, value: [m] pixels of the full image (flat index (channel·340 + ieta)·360 + iphi).
+        xy, label, pt: [g, 2], [g], [g] truth objects in full-image pixel coordinates.
+        crop: window side C, pixels.
+        origin: (x0, y0) of the window, from :func:`crop_origin`.
+
+    Returns:
+        (flat [m'] indexing a [3, C, C] image, value [m'], xy [g', 2], label [g'], pt [g']): the pixels
+        inside the window and the objects whose centre is inside it, shifted by −origin (y modulo 360, so
+        a window across the φ seam is contiguous in crop coordinates). The truth keeps its sub-pixel
+        position: a truth at the centre of a pixel stays at the centre of that pixel.
+    """
+    x0, y0 = origin
+    channel, rest = np.divmod(flat.astype(np.int64), _PLANE)
+    ieta, iphi = np.divmod(rest, geometry.N_PHI)
+    ieta = ieta - x0
+    iphi = np.mod(iphi - y0, geometry.N_PHI)
+    keep = (ieta >= 0) & (ieta < crop) & (iphi < crop)
+    new_flat = ((channel[keep] * crop + ieta[keep]) * crop + iphi[keep]).astype(np.int32)
+    cx = xy[:, 0] - x0
+    cy = wrap_y(xy[:, 1] - y0).astype(np.float64)
+    inside = (cx >= 0) & (cx < crop) & (cy < crop)
+    new_xy = np.stack([cx[inside], cy[inside]], axis=-1).reshape(-1, 2)
+    return new_flat, value[keep], new_xy, label[inside], pt[inside]
+
+
 @dataclass
 class Sample:
-    """One event ready for the loss. Pixel arrays [m]; targets [P] / [P, 2]; truth for evaluation [g]."""
+    """One event ready for the loss. Pixel arrays [m]; targets [P] / [P, 2]; truth for evaluation [g].
+
+    ``flat`` indexes an image of ``image_shape`` ([3, 340, 360], or [3, C, C] for a crop, whose truth is
+    then in crop coordinates).
+    """
 
     flat: NDArray[np.int32]
     value: NDArray[np.float32]
@@ -186,6 +244,7 @@ class Sample:
     truth_xy: NDArray[np.float64]
     truth_label: NDArray[np.int64]
     truth_pt: NDArray[np.float64]
+    image_shape: tuple[int, int, int] = geometry.IMAGE_SHAPE
 
 
 class DetectionDataset(Dataset[Sample]):
@@ -193,6 +252,11 @@ class DetectionDataset(Dataset[Sample]):
 
     Augmentation randomness is a function of (seed, epoch, index) only, so a run is reproducible
     whatever the number of workers; call :meth:`set_epoch` before each epoch.
+
+    With ``augment.crop = C > 0`` every sample is a random C × C crop (:func:`crop_origin`,
+    :func:`crop_event`) after the flips and roll, and ``anchors`` must be the crop's anchors
+    (``anchor_centres(crop_maps(C), "receptive", extent=(C, C), periodic_phi=False)``): they are matched
+    without φ wrap, since a crop's φ edges are not neighbours.
     """
 
     def __init__(self, events: PackedEvents, anchors: NDArray[np.float64], anchor_config: AnchorConfig,
@@ -212,16 +276,22 @@ class DetectionDataset(Dataset[Sample]):
 
     def __getitem__(self, i: int) -> Sample:
         flat, value, xy, label, pt = self.events.event(i)
+        shape = geometry.IMAGE_SHAPE
+        crop = self.augment.crop if self.augment is not None else 0
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             flat, xy = augment_event(flat, xy, rng, self.augment)
-        targets = match(xy, label, pt, self.anchors, self.anchor_config)
-        return Sample(flat, value, targets.labels, targets.loc, targets.pt, xy, label, pt)
+            if crop:
+                origin = crop_origin(xy, crop, rng, self.augment.crop_on_object)
+                flat, value, xy, label, pt = crop_event(flat, value, xy, label, pt, crop, origin)
+                shape = (geometry.N_CHANNELS, crop, crop)
+        targets = match(xy, label, pt, self.anchors, self.anchor_config, periodic_phi=not crop)
+        return Sample(flat, value, targets.labels, targets.loc, targets.pt, xy, label, pt, shape)
 
 
 @dataclass
 class Batch:
-    """A collated batch. ``flat`` indexes the flattened [B, 3, 340, 360] image (event offset included)."""
+    """A collated batch. ``flat`` indexes the flattened [B, *image_shape] image (event offset included)."""
 
     flat: torch.Tensor  # int64 [M]
     value: torch.Tensor  # float32 [M]
@@ -229,6 +299,7 @@ class Batch:
     loc: torch.Tensor  # float32 [B, P, 2]
     pt: torch.Tensor  # float32 [B, P]
     truth: list[tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]]  # per event (xy, label, pt)
+    image_shape: tuple[int, int, int] = geometry.IMAGE_SHAPE  # [3, 340, 360], or [3, C, C] for crops
 
     @property
     def size(self) -> int:
@@ -237,11 +308,17 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch(self.flat.to(device, non_blocking=True), self.value.to(device, non_blocking=True),
                      self.labels.to(device, non_blocking=True), self.loc.to(device, non_blocking=True),
-                     self.pt.to(device, non_blocking=True), self.truth)
+                     self.pt.to(device, non_blocking=True), self.truth, self.image_shape)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    flat = np.concatenate([s.flat.astype(np.int64) + k * IMAGE_SIZE for k, s in enumerate(samples)])
+    """Stack samples of one image shape into a :class:`Batch` (pixel indices offset per event)."""
+    shapes = {s.image_shape for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot collate samples of different image shapes {sorted(shapes)}")
+    shape = shapes.pop()
+    size = int(np.prod(shape))
+    flat = np.concatenate([s.flat.astype(np.int64) + k * size for k, s in enumerate(samples)])
     return Batch(
         flat=torch.from_numpy(flat),
         value=torch.from_numpy(np.concatenate([s.value for s in samples])),
@@ -249,12 +326,14 @@ def collate(samples: Sequence[Sample]) -> Batch:
         loc=torch.from_numpy(np.stack([s.loc for s in samples])),
         pt=torch.from_numpy(np.stack([s.pt for s in samples])),
         truth=[(s.truth_xy, s.truth_label, s.truth_pt) for s in samples],
+        image_shape=shape,
     )
 
 
 def densify(batch: Batch, channels_last: bool = False) -> torch.Tensor:
-    """Scatter a batch's pixels into a dense float32 [B, 3, 340, 360] image (GeV) on the batch's device."""
-    image = torch.zeros(batch.size * IMAGE_SIZE, dtype=torch.float32, device=batch.value.device)
+    """Scatter a batch's pixels into a dense float32 [B, *batch.image_shape] image (GeV) on its device."""
+    size = int(np.prod(batch.image_shape))
+    image = torch.zeros(batch.size * size, dtype=torch.float32, device=batch.value.device)
     image[batch.flat] = batch.value
-    image = image.view(batch.size, *geometry.IMAGE_SHAPE)
+    image = image.view(batch.size, *batch.image_shape)
     return image.contiguous(memory_format=torch.channels_last) if channels_last else image

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from jetssd.anchors import INFERENCE_MAPS, TRAINING_MAPS, AnchorConfig, anchor_centres, pixels_to_eta_phi
+from jetssd.anchors import INFERENCE_MAPS, TRAINING_MAPS, AnchorConfig, anchor_centres, crop_maps, pixels_to_eta_phi
 from jetssd.atomic import atomic_path
 from jetssd.event import TruthObjects
 from jetssd.model import NetConfig, PFJetSSD
@@ -165,8 +165,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(model, "module", model)  # DDP (compile's wrapper forwards the attribute to a compiled DDP)
     return getattr(inner, "_orig_mod", inner)  # torch.compile
+
+
+def _set_phi_wrap(model: torch.nn.Module, enabled: bool) -> None:
+    """Circular φ padding on (full images) or off (crops) in the PFJetSSD inside DDP/compile wrappers.
+
+    The wrappers share the inner module's submodules, so switching the unwrapped model switches what they
+    run. A model built with ``circular_phi=False`` pads with zeros already: nothing to switch.
+    """
+    inner = _unwrap(model)
+    if isinstance(inner, PFJetSSD) and inner.config.circular_phi:
+        inner.set_phi_wrap(enabled)
+
+
+def crop_anchors(crop: int) -> np.ndarray:
+    """Anchor centres [P, 2] of a ``crop`` × ``crop`` training crop (two sources, receptive layout, no φ wrap)."""
+    return anchor_centres(crop_maps(crop), "receptive", extent=(crop, crop), periodic_phi=False)
+
+
+def _check_crop_outputs(model: torch.nn.Module, crop: int, n_anchors: int, device: torch.device) -> None:
+    """Raise unless the training graph gives one output per crop anchor on a ``crop`` × ``crop`` input."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        n_out = int(model(torch.zeros(1, 3, crop, crop, device=device))[0].shape[1])
+    model.train(was_training)
+    if n_out != n_anchors:
+        raise ValueError(f"data.crop = {crop}: the network gives {n_out} outputs on a {crop}×{crop} crop but the "
+                         f"crop has {n_anchors} anchors ({crop_maps(crop)}); the crop anchors assume the "
+                         "reference's pooling (n → n // 2 + 1) and two sources")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +260,9 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
             image = densify(batch, channels_last=config.run.channels_last and device.type == "cuda")
             with _autocast(device, config):
                 loc, cls_logits, reg = model(image)
+            if loc.shape[1] != batch.labels.shape[1]:
+                raise ValueError(f"the network gives {loc.shape[1]} anchors' outputs on {tuple(image.shape[2:])} "
+                                 f"images, the targets have {batch.labels.shape[1]} anchors")
             parts = multibox_loss(loc, cls_logits, reg, batch.labels, batch.loc, batch.pt, config.loss)
             values = parts.as_floats()
             if training:
@@ -320,10 +352,14 @@ def train(config: TrainConfig, resume: bool = False,
 
     anchor_config = config.anchors
     anchors = anchor_centres(TRAINING_MAPS, anchor_config.layout)
+    # Crops: training targets on the crop's own anchors; validation stays on full images and full anchors.
+    crop = config.data.crop
+    train_anchors = crop_anchors(crop) if crop else anchors
     loaders = max(1, config.data.workers)
     train_events = PackedEvents.load(expand_paths(config.data.train), config.data.max_train_events, loaders)
     val_events = PackedEvents.load(expand_paths(config.data.validation), config.data.max_val_events, loaders)
-    train_set = DetectionDataset(train_events, anchors, anchor_config, augment=config.data, seed=config.run.seed)
+    train_set = DetectionDataset(train_events, train_anchors, anchor_config, augment=config.data,
+                                 seed=config.run.seed)
     val_set = DetectionDataset(val_events, anchors, anchor_config)
     sampler: DistributedSampler[Any] | None = None
     if world > 1:
@@ -343,6 +379,8 @@ def train(config: TrainConfig, resume: bool = False,
         model.load_state_dict(init_state["model"])  # a plain (FPN or pruned) checkpoint: before any quantizer
     hooks = compression_hooks(model, config)  # before a resume's load: TWN checkpoints hold latent-weight keys
     model = model.to(device)
+    if crop:
+        _check_crop_outputs(model, crop, len(train_anchors), device)
     if config.run.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = make_optimizer(model, config)
@@ -380,10 +418,14 @@ def train(config: TrainConfig, resume: bool = False,
             if progress is not None and rank == 0:
                 progress(f"epoch {_epoch + 1}/{config.optim.epochs}", step + 1, len(train_loader), values)
 
+        if crop:
+            _set_phi_wrap(model, False)  # a crop's φ edges are not neighbours: zero padding, as at η edges
         train_losses = run_epoch(model, train_loader, device, config, optimizer, scheduler, on_step=on_train_step,
                                  deadline=deadline, hooks=hooks)
         seconds = time.perf_counter() - t0
         stop = False
+        if crop:
+            _set_phi_wrap(model, True)  # validation and checkpoints: the full, periodic image
         if rank == 0:
             # The unwrapped module: a DDP forward would start a buffer broadcast the other ranks never join.
             record = _validate(_unwrap(model), val_loader, device, config, epoch, train_losses, seconds,

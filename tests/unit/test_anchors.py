@@ -13,6 +13,7 @@ from jetssd.anchors import (
     AnchorTargets,
     FeatureMap,
     anchor_centres,
+    crop_maps,
     decode_centres,
     decode_pt,
     encode_centres,
@@ -432,3 +433,57 @@ def test_a_legacy_model_keeps_its_stretched_anchors_in_the_detector() -> None:
     detector = OnnxDetector(shipped, threads=1)
     assert detector.anchor_config.layout == "stretched"
     np.testing.assert_array_equal(detector.anchors, anchor_centres(INFERENCE_MAPS, "stretched"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Crop anchors (training on random crops)
+
+
+def test_crop_maps_are_the_pooled_sizes_of_the_crop() -> None:
+    assert crop_maps(128) == (FeatureMap(17, 17), FeatureMap(9, 9))
+    assert crop_maps(128, n_sources=1) == (FeatureMap(17, 17),)
+    assert sum(m.n_anchors for m in crop_maps(128)) == 370
+    assert crop_maps(340)[0] == FeatureMap(44, 44)
+
+
+def test_default_extent_keeps_the_full_image_anchors() -> None:
+    for layout in ("receptive", "stretched"):
+        np.testing.assert_array_equal(anchor_centres(TRAINING_MAPS, layout),
+                                      anchor_centres(TRAINING_MAPS, layout, extent=(340, 360), periodic_phi=True))
+
+
+@pytest.mark.parametrize("origin", [(0, 0), (16, 48), (208, 224)])
+def test_crop_anchors_are_full_image_anchors_shifted_by_a_grid_aligned_origin(origin: tuple[int, int]) -> None:
+    # The receptive layout is translation-equivariant on the 16-px grid of the coarsest map: a crop at a
+    # grid-aligned origin has the full image's anchors, shifted, wherever the crop's cells are full cells.
+    crop = 128
+    maps = crop_maps(crop)
+    full_maps = (FeatureMap(44, 46), FeatureMap(23, 24))
+    for cm, fm, step in zip(maps, full_maps, (8, 16), strict=True):
+        a = anchor_centres((cm,), "receptive", extent=(crop, crop), periodic_phi=False).reshape(cm.n_eta, cm.n_phi, 2)
+        f = anchor_centres((fm,), "receptive").reshape(fm.n_eta, fm.n_phi, 2)
+        i0, j0 = origin[0] // step, origin[1] // step
+        # Interior cells (index ≥ 1): cell 0 of the crop sits on its zero padding, like cell 0 of the image.
+        np.testing.assert_allclose(a[1:, 1:] + origin, f[i0 + 1:i0 + cm.n_eta, j0 + 1:j0 + cm.n_phi])
+    y = anchor_centres(maps, "receptive", extent=(crop, crop), periodic_phi=False)[:, 1]
+    assert y.min() == -7.0  # not wrapped to 353: a crop's φ axis is an interval
+
+
+def test_crop_extent_needs_the_receptive_layout() -> None:
+    with pytest.raises(ValueError, match="receptive"):
+        anchor_centres(crop_maps(128), "stretched", extent=(128, 128), periodic_phi=False)
+
+
+def test_non_periodic_matching_does_not_wrap_across_the_crop_edges() -> None:
+    # In a 340-px crop, y = 2 and y = 330 are 32 px apart the short way round a 360 period: a wrapped IoU
+    # would overlap them, but a crop's edges are not neighbours.
+    config = AnchorConfig()
+    anchors = np.array([[100.0, 330.0], [100.0, 10.0]])
+    gt = np.array([[100.0, 2.0]])
+    assert wrapped_iou(gt, anchors[:1], 46.0)[0, 0] > 0
+    assert wrapped_iou(gt, anchors[:1], 46.0, periodic_phi=False)[0, 0] == 0
+    t = match(gt, [1], [500.0], anchors, config, periodic_phi=False)
+    assert t.labels.tolist() == [0, 1]
+    np.testing.assert_allclose(t.loc[1], [0.0, -8.0 / config.loc_unit_px], rtol=1e-6)
+    np.testing.assert_allclose(encode_centres([[0.0, 350.0]], [[0.0, 5.0]], config, periodic_phi=False),
+                               [[0.0, 345.0 / config.loc_unit_px]])

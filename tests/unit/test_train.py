@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,14 @@ from jetssd.io import write_events  # noqa: E402
 from jetssd.rasterize import densify as densify_numpy  # noqa: E402
 from jetssd.rasterize import rasterize_sparse  # noqa: E402
 from jetssd.train.config import DataConfig, LossConfig, TrainConfig  # noqa: E402
-from jetssd.train.data import DetectionDataset, PackedEvents, augment_event, collate, densify  # noqa: E402
+from jetssd.train.data import (  # noqa: E402
+    DetectionDataset,
+    PackedEvents,
+    augment_event,
+    collate,
+    crop_event,
+    densify,
+)
 from jetssd.train.loss import hard_negative_mask, multibox_loss  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -315,3 +323,117 @@ def test_fine_tuning_a_shipped_legacy_checkpoint_keeps_its_anchor_layout(event_f
     written = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert written["anchors"]["layout"] == "stretched"  # … but a fine-tune keeps the checkpoint's
     assert json.loads(load_checkpoint(tmp_path / "ft" / "last.pt")["config"])["anchors"]["layout"] == "stretched"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training on random crops
+
+
+@pytest.mark.parametrize(("origin", "truth_at"), [((0, 0), (5, 7)), ((100, 300), (150, 340)), ((100, 300), (150, 20)),
+                                                  ((212, 250), (339, 359))])
+def test_crop_moves_pixels_and_truth_together(origin: tuple[int, int], truth_at: tuple[int, int]) -> None:
+    # (100, 300): a 128 window straddling the φ seam (columns 300…359 then 0…67).
+    crop = 128
+    ieta, iphi = truth_at
+    inside_flat = (2 * geometry.N_ETA + ieta) * geometry.N_PHI + iphi
+    outside_flat = (0 * geometry.N_ETA + (origin[0] + crop) % geometry.N_ETA) * geometry.N_PHI + iphi
+    flat = np.array([inside_flat, outside_flat], np.int32)
+    value = np.array([3.0, 4.0], np.float32)
+    xy = np.array([[ieta + 0.5, iphi + 0.5], [(origin[0] + crop + 10) % 340 + 0.5, 1.5]])
+    new_flat, new_value, new_xy, label, pt = crop_event(flat, value, xy, np.array([1, 2]), np.array([500.0, 600.0]),
+                                                        crop, origin)
+    assert new_value.tolist() == [3.0]
+    assert label.tolist() == [1]
+    assert pt.tolist() == [500.0]
+    channel, rest = divmod(int(new_flat[0]), crop * crop)
+    c_eta, c_phi = divmod(rest, crop)
+    assert channel == 2
+    assert (c_eta, c_phi) == (ieta - origin[0], (iphi - origin[1]) % geometry.N_PHI)
+    # The truth is still at the centre of its pixel, in crop coordinates.
+    np.testing.assert_allclose(new_xy[0], [c_eta + 0.5, c_phi + 0.5], atol=1e-9)
+
+
+def test_crop_dataset_samples_are_crops_matched_to_crop_anchors(event_file: Path) -> None:
+    from jetssd.train.trainer import crop_anchors
+
+    events = PackedEvents.load([event_file])
+    anchors = crop_anchors(128)
+    config = DataConfig(crop=128, crop_on_object=1.0)
+    dataset = DetectionDataset(events, anchors, AnchorConfig(), augment=config, seed=1)
+    samples = [dataset[i] for i in range(len(dataset))]
+    batch = collate(samples)
+    assert batch.image_shape == (3, 128, 128)
+    assert batch.labels.shape == (len(samples), 370)
+    image = densify(batch)
+    assert image.shape == (len(samples), 3, 128, 128)
+    for s in samples:
+        assert len(s.truth_xy) >= 1  # centred on an object
+        assert np.all((s.truth_xy >= 0) & (s.truth_xy < 128))
+        assert int((s.labels > 0).sum()) >= len(s.truth_xy)
+    # Reproducible per (seed, epoch, index), different across epochs.
+    np.testing.assert_array_equal(dataset[0].flat, samples[0].flat)
+    dataset.set_epoch(1)
+    assert not np.array_equal(dataset[0].truth_xy, samples[0].truth_xy)
+
+
+def test_crop_anchor_count_equals_the_network_outputs_on_a_crop() -> None:
+    from jetssd.model import PFJetSSD
+    from jetssd.train.trainer import crop_anchors
+
+    model = PFJetSSD(training_head=True).eval()
+    with torch.no_grad():
+        loc, _, _ = model(torch.zeros(1, 3, 128, 128))
+    assert loc.shape[1] == len(crop_anchors(128)) == 17 * 17 + 9 * 9
+
+
+def test_crop_config_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"data\.crop"):
+        DataConfig(crop=32)
+    with pytest.raises(ValueError, match=r"data\.crop"):
+        DataConfig(crop=341)
+    with pytest.raises(ValueError, match=r"anchors\.layout"):
+        TrainConfig().with_overrides(["data.crop=128", 'anchors.layout="stretched"'])
+    assert TrainConfig().with_overrides(["data.crop=128"]).data.crop == 128
+
+
+@pytest.mark.slow
+def test_tiny_crop_run_validates_on_full_images_and_writes_checkpoints(event_file: Path, tmp_path: Path) -> None:
+    from jetssd.train.trainer import load_checkpoint, train
+
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_train_events=4", "data.max_val_events=2", "data.crop=128", "optim.epochs=2",
+        "optim.batch_size=2", "optim.warmup_steps=1", "model.widths=[8,8,8,8,8,8,8,8,8,8,8]",
+        f'run.out="{tmp_path / "run"}"', "run.seed=5",
+    ])
+    result = train(cfg)
+    assert [h.epoch for h in result.history] == [0, 1]
+    for h in result.history:
+        assert math.isfinite(h.train["loss"])
+        assert math.isfinite(h.val["loss"])
+        assert "ap_voc" in h.val  # validation decoded full-image detections with the inference anchors
+    run = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "metrics.jsonl"):
+        assert (run / name).stat().st_size > 0, name
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_phi_wrap_is_switched_through_compile_and_ddp_wrappers() -> None:
+    from jetssd.model import NetConfig, PFJetSSD
+    from jetssd.model.layers import PhiPad
+    from jetssd.train.trainer import _set_phi_wrap
+
+    model = PFJetSSD(NetConfig(widths=(8,) * 11), training_head=True)
+    pads = [m for m in model.modules() if isinstance(m, PhiPad)]
+    assert pads
+
+    class FakeDDP(torch.nn.Module):  # DistributedDataParallel keeps the model as .module
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    for wrapped in (model, torch.compile(model), FakeDDP(model), torch.compile(FakeDDP(model))):
+        _set_phi_wrap(wrapped, False)
+        assert not any(p.wrap for p in pads)
+        _set_phi_wrap(wrapped, True)
+        assert all(p.wrap for p in pads)
