@@ -127,6 +127,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int,
     return factor
 
 
+def _use_channels_last(device: torch.device, config: TrainConfig) -> bool:
+    """channels-last pays with bf16 (CUDA, or CPU with ``amp_cpu``: cpu-training.md); fp32 CPU stays NCHW."""
+    return config.run.channels_last and (device.type == "cuda" or config.run.amp_cpu)
+
+
 def _autocast(device: torch.device, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
     enabled = config.run.amp and (device.type == "cuda" or config.run.amp_cpu)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -257,7 +262,7 @@ def run_epoch(model: torch.nn.Module, loader: DataLoader[Any], device: torch.dev
     anchors = anchor_centres(INFERENCE_MAPS, anchor_config.layout)
     with torch.set_grad_enabled(training):
         for step, batch in enumerate(_batches(loader, device)):
-            image = densify(batch, channels_last=config.run.channels_last and device.type == "cuda")
+            image = densify(batch, channels_last=_use_channels_last(device, config))
             with _autocast(device, config):
                 loc, cls_logits, reg = model(image)
             if loc.shape[1] != batch.labels.shape[1]:
@@ -381,7 +386,7 @@ def train(config: TrainConfig, resume: bool = False,
     model = model.to(device)
     if crop:
         _check_crop_outputs(model, crop, len(train_anchors), device)
-    if config.run.channels_last and device.type == "cuda":
+    if _use_channels_last(device, config):
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = make_optimizer(model, config)
     total_steps = config.optim.epochs * len(train_loader)
