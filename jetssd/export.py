@@ -46,6 +46,7 @@ from jetssd.model.config import NetConfig
 from jetssd.model.network import ONNX_INPUT, ONNX_OUTPUTS, PFJetSSD, export_onnx
 from jetssd.postprocess import PostprocessConfig
 from jetssd.rasterize import densify_batch
+from jetssd.strict_json import to_json
 from jetssd.train.trainer import load_checkpoint
 
 VARIANTS = ("fpn", "twn", "int8")
@@ -102,7 +103,7 @@ def export_model(checkpoint: Path, variant: str, repository: Path, *, version: i
     final = Path(repository) / model_name(variant) / str(version)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
-    metrics_json = _to_json(metrics or {}, "metrics")  # fail before the slow part, not after it
+    metrics_json = to_json(metrics or {}, "metrics")  # fail before the slow part, not after it
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -124,7 +125,7 @@ def export_model(checkpoint: Path, variant: str, repository: Path, *, version: i
         metadata = build_metadata(net, variant, version, state, train_config, checkpoint, checkpoint_sha,
                                   sha256_file(onnx_path), parity)
         metadata["metrics"] = json.loads(metrics_json)
-        write_text_atomic(staging / METADATA_FILE, _to_json(metadata, "metadata", indent=2) + "\n")
+        write_text_atomic(staging / METADATA_FILE, to_json(metadata, "metadata", indent=2) + "\n")
         _publish(staging, final, overwrite)
     return final
 
@@ -354,34 +355,6 @@ def _versions() -> dict[str, str]:
 
     return {"jetssd": jetssd.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _to_json(obj: Any, what: str, indent: int | None = None) -> str:
-    """Strict JSON text of ``obj`` (see :func:`_jsonable`); anything unconvertible is a ValueError naming ``what``."""
-    try:
-        return json.dumps(_jsonable(obj), indent=indent, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what}: cannot be written as JSON ({e})") from e
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` with numpy scalars/arrays as Python numbers/lists, tuples as lists, paths as strings and
-    non-finite floats as None (JSON has no NaN/inf; an AP can be undefined). Other types raise TypeError."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, str | int):  # bool is an int
-        return obj
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 # ------------------------------------------------------------------------------------------- atomic writing

@@ -35,7 +35,6 @@ would in a real mixed sample.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +56,7 @@ from jetssd.evaluate.matching import (
 from jetssd.evaluate.metrics import summarize
 from jetssd.event import Event, SparsePixels, TruthObjects
 from jetssd.io import open_events
+from jetssd.strict_json import write_json_atomic
 
 BASELINE_NAME = "baseline"
 """Key of the physics baseline in the plots' legends (a detector may not use it)."""
@@ -352,25 +352,6 @@ def _build_report(run: _Run, paths: Sequence[Path], truth: str) -> dict[str, Any
         for key in ("ap", "per_class", "qcd_fake_rate_per_event", "ap_ratio_to_baseline"):
             report[key] = only[key]
     return report
-
-
-def _strict(value: Any) -> Any:
-    """A copy with every non-finite float replaced by None and numpy scalars by Python ones."""
-    if isinstance(value, Mapping):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return _json_number(value)
-    return value
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN/inf → null) to a temporary file beside ``path``, then rename."""
-    text = json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _write_plots(run: _Run, out_dir: Path) -> dict[str, str]:

@@ -36,10 +36,11 @@ from numpy.typing import NDArray
 from jetssd.anchors import AnchorConfig, FeatureMap, anchor_centres
 from jetssd.atomic import write_text_atomic
 from jetssd.event import SparsePixels
-from jetssd.export import _publish, _staging_dir, _to_json, model_name, sha256_file
+from jetssd.export import _publish, _staging_dir, model_name, sha256_file
 from jetssd.inference import METADATA_FILE, MODEL_FILE, make_session, read_metadata
 from jetssd.postprocess import Detections, PostprocessConfig, postprocess
 from jetssd.rasterize import densify_batch
+from jetssd.strict_json import to_json
 
 Format = Literal["qdq", "qoperator"]
 Method = Literal["minmax", "entropy", "percentile"]
@@ -124,7 +125,7 @@ def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[Spar
                     "excluded_nodes": excluded, "preprocess": "quant_pre_process (symbolic shapes + ORT opt.)",
                     "parity": parity}
         metadata = int8_metadata(float_meta, float_dir, version, sha256_file(out), settings, metrics)
-        write_text_atomic(staging / METADATA_FILE, _to_json(metadata, "metadata", indent=2) + "\n")
+        write_text_atomic(staging / METADATA_FILE, to_json(metadata, "metadata", indent=2) + "\n")
         _publish(staging, final, overwrite)
     return final
 

@@ -17,9 +17,10 @@ import pytest
 
 from jetssd import geometry
 from jetssd.evaluate.matching import PredictedJets
-from jetssd.evaluate.report import PLOT_FILES, REPORT_FILE, Detector, evaluate, write_json_atomic
+from jetssd.evaluate.report import PLOT_FILES, REPORT_FILE, Detector, evaluate
 from jetssd.event import BaselineJets, Event, PFCandidates, SparsePixels, TruthObjects
 from jetssd.io import open_events, write_events
+from jetssd.strict_json import write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NATIVE_ID0 = 100
