@@ -141,6 +141,9 @@ class RunConfig:
     init: str = ""
     """Start from the weights of this checkpoint (fine-tuning: TWN from the FPN, a pruned network); its
     network configuration replaces [model]. The optimizer and schedule start fresh."""
+    init_anchors: str = "checkpoint"
+    """With ``init``: take [anchors] from the checkpoint ("checkpoint", the default) or from this config
+    ("config": fine-tune onto another anchor layout; the heads keep their shapes, one anchor per cell)."""
 
 
 @dataclass(frozen=True)

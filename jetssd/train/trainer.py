@@ -348,8 +348,12 @@ def train(config: TrainConfig, resume: bool = False,
         init_config = json.loads(init_state["config"])
         # The network and its anchors come from the checkpoint (a section-less checkpoint predates the anchor
         # layout: AnchorConfig.from_dict({}) is its "stretched" layout).
+        anchors_from = config.run.init_anchors
+        if anchors_from not in ("checkpoint", "config"):
+            raise ValueError(f"run.init_anchors must be 'checkpoint' or 'config', got {anchors_from!r}")
+        init_anchors = AnchorConfig.from_dict(init_config.get("anchors", {}))
         config = dataclasses.replace(config, model=NetConfig.from_dict(init_config["model"]),
-                                     anchors=AnchorConfig.from_dict(init_config.get("anchors", {})))
+                                     anchors=init_anchors if anchors_from == "checkpoint" else config.anchors)
     out = Path(config.run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -324,6 +324,13 @@ def test_fine_tuning_a_shipped_legacy_checkpoint_keeps_its_anchor_layout(event_f
     assert written["anchors"]["layout"] == "stretched"  # … but a fine-tune keeps the checkpoint's
     assert json.loads(load_checkpoint(tmp_path / "ft" / "last.pt")["config"])["anchors"]["layout"] == "stretched"
 
+    # run.init_anchors="config" moves the same weights onto this config's layout (here today's default).
+    relayout = cfg.with_overrides(['run.init_anchors="config"', f'run.out="{tmp_path / "relayout"}"'])
+    train(relayout)
+    assert json.loads((tmp_path / "relayout" / "config.json").read_text())["anchors"]["layout"] == "receptive"
+    with pytest.raises(ValueError, match="init_anchors"):
+        train(cfg.with_overrides(['run.init_anchors="both"', f'run.out="{tmp_path / "bad"}"']))
+
 
 # --------------------------------------------------------------------------------------------------
 # Training on random crops
