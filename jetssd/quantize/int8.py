@@ -18,6 +18,9 @@ repeated), ``reduce_range`` off by default (the VNNI/AMX kernels need no 7-bit h
 excluded, and the result's parity with the float model recorded instead of assumed.
 
 The version directory is assembled in a hidden temp directory and renamed into place (same as the export).
+
+Quantization-aware training (:mod:`jetssd.quantize.qat`) goes through the same function with :class:`FixedRanges`:
+the activation scales and zero points learned in training are forced onto the tensors instead of calibrated.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,11 +66,38 @@ MINMAX_FLUSH_EVENTS = 16
 bounds its memory without changing the result (running min/max)."""
 
 
+@dataclass(frozen=True)
+class FixedRanges:
+    """Activation quantization parameters decided before quantizing (by QAT) instead of calibrated.
+
+    ORT's calibrator still runs (``quantize_static`` requires it) but on the first event only, and every range
+    it measures is replaced through ``TensorQuantOverrides``; ``ForceQuantizeNoInputCheck`` makes the pools and
+    slices quantize their input and share its parameters whatever the order in which ORT visits the nodes.
+
+    Attributes:
+        method: recorded as ``quantization.method`` (e.g. ``"qat"``).
+        overrides: pre-processed model path → ``TensorQuantOverrides``, ``{tensor: [{"scale": float32 array,
+            "zero_point": uint8 array}]}``.
+        exclude: node-name fragments kept in float on top of ``quantize_model``'s ``exclude``.
+        settings: entries added to the ``quantization`` block of the metadata.
+        metadata: top-level metadata entries replacing the float model's (e.g. the checkpoint it came from).
+        check: int8 model path → entries added to the ``quantization`` block; raise to refuse the model.
+    """
+
+    method: str
+    overrides: Callable[[Path], dict[str, list[dict[str, Any]]]]
+    exclude: Sequence[str] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Path], dict[str, Any]] | None = None
+
+
 def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[SparsePixels], *, version: int = 1,
                    per_channel: bool = True, fmt: Format = "qdq", method: Method = "percentile",
                    activation_type: ActivationType = "uint8", reduce_range: bool = False,
                    exclude: Sequence[str] = DEFAULT_EXCLUDE, calibration_sources: Sequence[str] = (),
-                   metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                   metrics: dict[str, Any] | None = None, overwrite: bool = False,
+                   fixed: FixedRanges | None = None) -> Path:
     """Quantize the float model in ``float_dir`` to int8 as version ``version`` of ``pfjet_ssd_int8``.
 
     Args:
@@ -84,6 +115,7 @@ def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[Spar
         exclude: node-name fragments; every node whose name contains one stays in float.
         calibration_sources: where the events came from (file names, index ranges), stored in the metadata.
         overwrite: replace an existing version instead of refusing.
+        fixed: activation parameters learned by QAT (see :class:`FixedRanges`); ``method`` is then not used.
 
     Returns:
         The version directory ``<repository>/pfjet_ssd_int8/<version>``.
@@ -110,21 +142,31 @@ def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[Spar
         prepared = Path(work) / "prepared.onnx"
         t0 = time.perf_counter()
         preprocess(float_model, prepared)
-        excluded = excluded_nodes(prepared, exclude)
-        used = _calibration_subset(calibration, method)
+        patterns = [*exclude, *(fixed.exclude if fixed is not None else ())]
+        excluded = excluded_nodes(prepared, patterns)
+        used = _calibration_subset(calibration, method) if fixed is None else calibration[:1]
+        extra: dict[str, Any] = {}
+        if fixed is not None:
+            extra = {"TensorQuantOverrides": fixed.overrides(prepared), "ForceQuantizeNoInputCheck": True}
         out = staging / MODEL_FILE
-        _quantize(prepared, out, used, str(float_meta["input"]["name"]), fmt=fmt, method=method,
-                  per_channel=per_channel, activation_type=activation_type, reduce_range=reduce_range,
-                  excluded=excluded)
+        _quantize(prepared, out, used, str(float_meta["input"]["name"]), fmt=fmt,
+                  method=method if fixed is None else "minmax", per_channel=per_channel,
+                  activation_type=activation_type, reduce_range=reduce_range, excluded=excluded, extra_options=extra)
         seconds = time.perf_counter() - t0
         parity = compare_outputs(float_model, out, calibration[:PARITY_EVENTS], float_meta)
-        settings = {"method": method, "format": fmt, "per_channel": per_channel, "reduce_range": reduce_range,
-                    "activation_type": activation_type, "weight_type": "int8",
+        settings = {"method": method if fixed is None else fixed.method, "format": fmt, "per_channel": per_channel,
+                    "reduce_range": reduce_range, "activation_type": activation_type, "weight_type": "int8",
                     "calibration_events": len(used), "calibration_sources": list(calibration_sources),
-                    "calibration_seconds": round(seconds, 2), "exclude_patterns": list(exclude),
+                    "calibration_seconds": round(seconds, 2), "exclude_patterns": patterns,
                     "excluded_nodes": excluded, "preprocess": "quant_pre_process (symbolic shapes + ORT opt.)",
                     "parity": parity}
+        if fixed is not None:
+            settings.update(fixed.settings)
+            if fixed.check is not None:
+                settings.update(fixed.check(out))
         metadata = int8_metadata(float_meta, float_dir, version, sha256_file(out), settings, metrics)
+        if fixed is not None:
+            metadata.update(fixed.metadata)
         write_text_atomic(staging / METADATA_FILE, to_json(metadata, "metadata", indent=2) + "\n")
         _publish(staging, final, overwrite)
     return final
@@ -186,8 +228,10 @@ def _calibration_subset(events: Sequence[SparsePixels], method: str) -> Sequence
 
 
 def _quantize(prepared: Path, out: Path, events: Sequence[SparsePixels], input_name: str, *, fmt: str, method: str,
-              per_channel: bool, activation_type: str, reduce_range: bool, excluded: Sequence[str]) -> None:
-    """``quantize_static`` with our settings (int8 weights, symmetric; activations asymmetric)."""
+              per_channel: bool, activation_type: str, reduce_range: bool, excluded: Sequence[str],
+              extra_options: Mapping[str, Any] | None = None) -> None:
+    """``quantize_static`` with our settings (int8 weights, symmetric; activations asymmetric); ``extra_options``
+    are added to ORT's (e.g. ``TensorQuantOverrides``)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -204,6 +248,7 @@ def _quantize(prepared: Path, out: Path, events: Sequence[SparsePixels], input_n
     extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": MINMAX_FLUSH_EVENTS} if method == "minmax" else {}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    extra.update(extra_options or {})
     quantize_static(
         str(prepared), str(out), Reader(events, input_name),
         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,

@@ -117,11 +117,31 @@ class CompressConfig:
         twn_layers: "depthwise" (the reference and the DSP contract) or "depthwise+pointwise".
         flop_reg: strength of the ops-weighted BN-γ L1 regulariser of network slimming (reference 1e-11), added
             to the training loss only; then ``jetssd prune``.
+        int8_qat: INT8 quantization-aware training (:mod:`jetssd.quantize.qat`): BN folded into the conv weights,
+            per-channel symmetric int8 fake quantization of the folded weights, uint8 fake quantization of the
+            activations where ONNX Runtime quantizes them, straight-through gradients, latent fp32 weights; usually
+            a fine-tune with ``run.init`` = the FPN checkpoint, then ``jetssd quantize --qat CHECKPOINT``. Not
+            together with ``twn``.
+        int8_float_layers: module paths kept in float by the INT8 QAT and its export (default the detection
+            heads; e.g. add "backbone.0" to keep the first conv float too).
+        int8_freeze_bn_step: optimizer step from which the folded BNs use and keep their running statistics
+            (0: from the start, right for a fine-tune; a few epochs' worth for QAT from scratch).
+        int8_freeze_observer_step: optimizer step after which the activation ranges (moving min/max) stop moving.
     """
 
     twn: bool = False
     twn_layers: str = "depthwise"
     flop_reg: float = 0.0
+    int8_qat: bool = False
+    int8_float_layers: tuple[str, ...] = ("head1", "head2")
+    int8_freeze_bn_step: int = 0
+    int8_freeze_observer_step: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.twn and self.int8_qat:
+            raise ValueError("compress.twn and compress.int8_qat do not combine: ternary weights are not int8 ones")
+        if self.int8_freeze_bn_step < 0 or self.int8_freeze_observer_step < 0:
+            raise ValueError("compress.int8_freeze_bn_step and compress.int8_freeze_observer_step must be ≥ 0")
 
 
 @dataclass(frozen=True)

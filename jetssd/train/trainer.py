@@ -213,7 +213,8 @@ class TrainingHooks:
 
     Attributes:
         regularizer: returns a scalar added to the training objective (the pruning FLOP regulariser).
-        after_step: called after each optimizer step (the TWN quantizer's clamp of the latent weights).
+        after_step: called after each optimizer step (the TWN quantizer's clamp of the latent weights, the INT8
+            QAT step count that freezes BN statistics and activation ranges).
     """
 
     regularizer: Callable[[], torch.Tensor] | None = None
@@ -228,6 +229,13 @@ def compression_hooks(model: torch.nn.Module, config: TrainConfig) -> TrainingHo
 
         quantizer = attach_twn(model, layers=config.compress.twn_layers)  # type: ignore[arg-type]
         hooks.after_step = quantizer.after_step
+    if config.compress.int8_qat:
+        from jetssd.quantize.qat import attach_int8_qat
+
+        int8 = attach_int8_qat(model, float_layers=config.compress.int8_float_layers,
+                               freeze_bn_step=config.compress.int8_freeze_bn_step,
+                               freeze_observer_step=config.compress.int8_freeze_observer_step)
+        hooks.after_step = int8.after_step
     if config.compress.flop_reg > 0:
         from jetssd.prune import flop_regularizer
 
@@ -386,7 +394,7 @@ def train(config: TrainConfig, resume: bool = False,
     model: torch.nn.Module = PFJetSSD(config.model, training_head=True)
     if init_state is not None:
         model.load_state_dict(init_state["model"])  # a plain (FPN or pruned) checkpoint: before any quantizer
-    hooks = compression_hooks(model, config)  # before a resume's load: TWN checkpoints hold latent-weight keys
+    hooks = compression_hooks(model, config)  # before a resume's load: TWN/QAT checkpoints hold their own keys
     model = model.to(device)
     if crop:
         _check_crop_outputs(model, crop, len(train_anchors), device)
