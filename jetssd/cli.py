@@ -274,8 +274,9 @@ def export(
 
 @app.command()
 def evaluate(
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Exported model folder (pfjet_ssd_<variant>[/"
-                                                                  "<version>]), optionally NAME=DIR; repeatable.")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Exported model folder (pfjet_ssd_<variant> or "
+                                                                  "pfjet_ssd_<variant>/<version>), optionally "
+                                                                  "NAME=DIR; repeatable.")],
     data: Annotated[list[Path], typer.Option("--data", "-d", help="Event files (reference layout or ours); "
                                                                   "repeatable.")],
     report: Annotated[Path, typer.Option("--report", "-r", help="Folder for report.json and the plots.")],
@@ -353,45 +354,93 @@ def prune(
 
 @app.command()
 def quantize(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported float model version folder "
-                                                              "(model_repository/pfjet_ssd_fpn/1).")],
     calibration: Annotated[list[Path], typer.Option("--calibration", "-c", help="Event files for calibration "
                                                                                "(repeatable).")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Exported float model version folder "
+                                                                     "(model_repository/pfjet_ssd_fpn/1): "
+                                                                     "post-training quantization.")] = None,
+    qat: Annotated[Path | None, typer.Option("--qat", help="Checkpoint of an INT8 quantization-aware training "
+                                                           "(jetssd train --set compress.int8_qat=true): exported "
+                                                           "with the activation ranges it learned; the events only "
+                                                           "check the result.")] = None,
     repository: Annotated[Path, typer.Option(help="Model repository to write pfjet_ssd_int8/<version> into.")]
     = Path("model_repository"),
-    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 200,
-    method: Annotated[str, typer.Option(help="percentile (default: clips the rare hot jet pixels that make "
-                                             "min-max ranges too coarse), minmax or entropy.")] = "percentile",
+    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files (with --qat at "
+                                             "most 32, for the parity checks).")] = 200,
+    method: Annotated[str | None, typer.Option(help="percentile (default: clips the rare hot jet pixels that make "
+                                                    "min-max ranges too coarse), minmax or entropy; not with "
+                                                    "--qat.")] = None,
     version: Annotated[int, typer.Option(help="Version of the int8 model.")] = 1,
     metrics: Annotated[Path | None, typer.Option(help="report.json of `jetssd evaluate` on this int8 model, to "
                                                       "record as its test-set metrics.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing version.")] = False,
 ) -> None:
-    """Post-training INT8 quantization of an exported float model with ONNX Runtime.
+    """INT8 quantization with ONNX Runtime: post-training (--model) or from a QAT checkpoint (--qat).
 
     Per-channel int8 weights and integer Conv kernels; log1p, L2Norm and ECA stay float. Writes
-    REPOSITORY/pfjet_ssd_int8/<version>. (TWN is trained: `jetssd train --set compress.twn=true`.)
+    REPOSITORY/pfjet_ssd_int8/<version>. --model calibrates the activation ranges of an exported float model on
+    the events. --qat takes a checkpoint trained with `jetssd train --set compress.int8_qat=true` (usually
+    fine-tuned from the FPN with --set run.init=...): its BN-folded weights and learned activation ranges become
+    the int8 graph, which is checked against the QAT network (metadata quantization.method = "qat").
+    (TWN is trained: `jetssd train --set compress.twn=true`.)
     """
     from jetssd.io import DatasetFormatError, open_events
-    from jetssd.quantize.int8 import quantize_model
+    from jetssd.quantize.int8 import PARITY_EVENTS, quantize_model
 
+    if (model is None) == (qat is None):
+        raise _fail("give exactly one of --model (post-training quantization) and --qat (a QAT checkpoint)")
+    if qat is not None and method is not None:
+        raise _fail("--method: a QAT checkpoint brings its own activation ranges; no calibration method applies")
+    method = method or "percentile"
     if method not in ("minmax", "entropy", "percentile"):
         raise _fail(f"--method: {method!r} is not minmax, entropy or percentile")
-    per_file = max(1, events // max(1, len(calibration)))
+    wanted = events if qat is None else min(events, PARITY_EVENTS)
+    per_file = max(1, wanted // max(1, len(calibration)))
     pixels: list[Any] = []
     try:
         for path in calibration:
             with open_events(path) as f:
                 pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
         recorded = json.loads(metrics.read_text()) if metrics is not None else None
-        out = quantize_model(model, repository, pixels, version=version, method=method,  # type: ignore[arg-type]
-                             calibration_sources=[str(p) for p in calibration], metrics=recorded,
-                             overwrite=overwrite)
+        sources = [str(p) for p in calibration]
+        if qat is not None:
+            from jetssd.quantize.qat import export_int8_qat
+
+            out = export_int8_qat(qat, repository, pixels, version=version, calibration_sources=sources,
+                                  metrics=recorded, overwrite=overwrite)
+        else:
+            assert model is not None
+            out = quantize_model(model, repository, pixels, version=version, method=method,  # type: ignore[arg-type]
+                                 calibration_sources=sources, metrics=recorded, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, DatasetFormatError) as exc:
         raise _fail(str(exc)) from None
-    parity = json.loads((out / "metadata.json").read_text())["quantization"]["parity"]
-    console.print(f"wrote {out} ({len(pixels)} calibration events); int8 vs float: {json.dumps(parity)}",
+    quantization = json.loads((out / "metadata.json").read_text())["quantization"]
+    console.print(f"wrote {out} ({len(pixels)} events); int8 vs float: {json.dumps(quantization['parity'])}",
                   soft_wrap=True)
+    if "qat_parity" in quantization:
+        console.print(f"int8 vs the QAT network: {json.dumps(quantization['qat_parity'])}", soft_wrap=True)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    repository: Annotated[Path, typer.Option(help="Model repository root.")] = Path("model_repository"),
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Only this variant (repeatable; "
+                                                                      "default: every exported one).")] = None,
+) -> None:
+    """Write the Triton configs (config.pbtxt, model.py shims, NMS metadata, ensembles, README) of the exported models.
+
+    For each REPOSITORY/pfjet_ssd_<variant>/<version>: pfjet_ssd_<variant>, pfjet_nms_<variant> and the ensemble
+    pfjet_<variant>. Idempotent: rewrites only what changed.
+    """
+    from jetssd.triton.repository import write_triton_repository
+
+    try:
+        changed = write_triton_repository(repository, variant or None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    for path in changed:
+        console.print(f"updated {path}")
+    console.print(f"{repository}: {len(changed)} path(s) updated" if changed else f"{repository}: up to date")
 
 
 def _fmt(value: float | None) -> str:
