@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVICE_STAMP := $(VENV)/.installed-service
 # Extras installed for development and tests: the GPL generator stack (generator tests) and torch (model,
 # training and export tests; the CPU wheel 2.13.0 is on the project machines).
 EXTRAS ?= dev,datagen,train
@@ -13,17 +14,25 @@ EXTRAS ?= dev,datagen,train
 help:  ## List the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml service/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" -e ./service
+	touch $(STAMP) $(SERVICE_STAMP)
+
+# What `make run` needs: the core and the service (no torch, no generator); `make install` is a superset.
+$(SERVICE_STAMP): pyproject.toml service/pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e . -e ./service
+	touch $(SERVICE_STAMP)
 
 install: $(STAMP)  ## Create .venv and install jetssd with the dev, datagen and train extras
 
 lint: $(STAMP)  ## ruff + mypy
-	$(VENV)/bin/ruff check jetssd tests benchmarks
+	$(VENV)/bin/ruff check jetssd service tests benchmarks
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)  ## pytest only
@@ -31,10 +40,8 @@ unit: $(STAMP)  ## pytest only
 
 test: lint unit  ## Everything CI runs: lint, type checks and the test suite
 
-run:  ## Start Triton + gateway on the shipped model (arrives with the serving issue)
-	@echo "make run: the inference service (Triton + gateway) is not built yet; it lands with the serving issue." >&2
-	@echo "Today you can generate events (jetssd generate --help) and draw them (jetssd display --help)." >&2
-	@exit 2
+run: $(SERVICE_STAMP)  ## Start Triton + the gateway on the shipped models (Ctrl-C stops both)
+	$(VENV)/bin/jetssd-service serve
 
 bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in ORT), with same-run baselines
 	$(PY) benchmarks/bench_rasterize.py

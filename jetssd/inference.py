@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,24 @@ def read_metadata(version_dir: Path) -> dict[str, Any]:
     return dict(meta)
 
 
+def anchors_from_metadata(meta: Mapping[str, Any]) -> tuple[NDArray[np.float64], AnchorConfig]:
+    """Anchor centres (float64 [P, 2] pixels, the order of the head outputs) and the anchor config (box size,
+    variance, pT scale) of a model, from its parsed ``metadata.json``.
+
+    The one place that turns metadata into decoding inputs: :class:`OnnxDetector` and the Triton ``pfjet_nms``
+    model both call it, so the two decode a model identically.
+    """
+    anchors_meta = meta["anchors"]
+    maps = tuple(FeatureMap(int(m["n_eta"]), int(m["n_phi"])) for m in anchors_meta["maps"])
+    config = AnchorConfig.from_dict(anchors_meta["config"])
+    return anchor_centres(maps, config.layout), config
+
+
+def postprocess_config_from_metadata(meta: Mapping[str, Any]) -> PostprocessConfig:
+    """The post-processing thresholds stored in a model's parsed ``metadata.json`` (defaults when absent)."""
+    return PostprocessConfig.from_dict(meta.get("postprocess", {}))
+
+
 class OnnxDetector:
     """An exported PFJet-SSD model run with ONNX Runtime on the CPU, plus the shared post-processing.
 
@@ -121,12 +139,8 @@ class OnnxDetector:
         self._session = make_session(self._dir / MODEL_FILE, threads)
         self._input_name = str(self._meta["input"]["name"])
         self._output_names = [str(o["name"]) for o in self._meta["outputs"]]
-        anchors_meta = self._meta["anchors"]
-        self._maps = tuple(FeatureMap(int(m["n_eta"]), int(m["n_phi"])) for m in anchors_meta["maps"])
-        self._anchor_config = AnchorConfig.from_dict(anchors_meta["config"])
-        self._anchors = anchor_centres(self._maps, self._anchor_config.layout)
-        self._postprocess_config = postprocess_config or PostprocessConfig.from_dict(
-            self._meta.get("postprocess", {}))
+        self._anchors, self._anchor_config = anchors_from_metadata(self._meta)
+        self._postprocess_config = postprocess_config or postprocess_config_from_metadata(self._meta)
         self._check_graph()
 
     def _check_graph(self) -> None:

@@ -1,0 +1,160 @@
+"""Gateway latency, one μ = 50 event per request: model-only in-process vs Triton transports vs the full gateway.
+
+Starts the real Triton (pfjet_twn) and three ``jetssd-service gateway`` processes (transport shm, http, grpc) on
+free ports, then times, interleaved in chunks of 10 requests so that every mode sees the same machine noise:
+
+* model only: ``OnnxDetector.detect`` in this process (ORT + the shared post-processing, 1 thread) — the baseline;
+* direct triton <transport>: the gateway's TritonBackend called from this process (dense image → jets);
+* gateway HTTP → triton <transport> / local: PF candidates as JSON through the gateway over real HTTP.
+
+Prints JSON: p50/p90 ms per mode and p50 minus the model-only p50 (DESIGN §6 target: gateway + Triton ≤
+model-only + 3 ms at p50), plus the gateway's own stage timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from jetssd_service.backends.triton import TritonBackend
+from jetssd_service.repository import ModelRepository
+from jetssd_service.settings import Settings
+from jetssd_service.triton_server import TritonServer
+
+from jetssd.datagen.fastsim import simulate
+from jetssd.datagen.particles import Particles
+from jetssd.datagen.pileup import MinBiasPool
+from jetssd.datagen.pythia import EventGenerator
+from jetssd.inference import OnnxDetector
+from jetssd.rasterize import rasterize_batch
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+TRANSPORTS = ("shm", "http", "grpc")
+
+
+def make_events(cache: Path, mu: int = 50) -> list[Any]:
+    pool = MinBiasPool.build(cache / "pool", 50, seed=3, mpi_cache_dir=cache / "mpi")
+    rng = np.random.default_rng(0)
+    events = []
+    for channel in ("tt", "WW", "HH", "ZZ"):
+        for gen in EventGenerator(channel, 11, mpi_cache_dir=cache / "mpi").generate(2):
+            events.append(simulate(Particles.concatenate([gen.particles, pool.draw(rng, mu)]), rng).pf)
+    return events
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(rounds: int, repository: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        pfs = make_events(Path(tmp))
+    images = rasterize_batch(pfs)
+    bodies = [json.dumps({"events": [{"id": str(i), "pf_candidates": {
+        "pt": p.pt.tolist(), "eta": p.eta.tolist(), "phi": p.phi.tolist(), "kind": p.kind.tolist()}}]}).encode()
+        for i, p in enumerate(pfs)]
+    local_bodies = [b.replace(b'{"events"', b'{"backend": "local", "events"', 1) for b in bodies]
+    models = ["pfjet_twn", "pfjet_ssd_twn", "pfjet_nms_twn"]
+    with TritonServer(repository=repository, http_port=0, grpc_port=0, metrics_port=0, models=models) as server:
+        host, http_port = server.http_url.rsplit(":", 1)
+        grpc_port = server.grpc_url.rsplit(":", 1)[1]
+        gateways, procs = {}, []
+        for transport in TRANSPORTS:
+            port = free_port()
+            env = {**os.environ, "JETSSD_TRITON_HOST": host, "JETSSD_TRITON_HTTP_PORT": http_port,
+                   "JETSSD_TRITON_GRPC_PORT": grpc_port, "JETSSD_TRITON_TRANSPORT": transport,
+                   "JETSSD_MODEL_REPOSITORY": str(repository), "JETSSD_LOCAL_PRELOAD": str(transport == "shm")}
+            procs.append(subprocess.Popen([sys.executable, "-m", "jetssd_service.cli", "gateway", "--port", str(port),
+                                           "--log-level", "warning"], env=env))
+            gateways[transport] = f"http://127.0.0.1:{port}"
+        direct = {}
+        for transport in TRANSPORTS:
+            settings = Settings(triton_host=host, triton_http_port=int(http_port), triton_grpc_port=int(grpc_port),
+                                triton_transport=transport, model_repository=repository)
+            direct[transport] = TritonBackend(settings, ModelRepository(repository))
+            await direct[transport].start()
+        detector = OnnxDetector(repository / "pfjet_ssd_twn", threads=1)
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                for url in gateways.values():
+                    for _ in range(600):
+                        try:
+                            if (await client.get(url + "/readyz")).status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        await asyncio.sleep(0.1)
+
+                def gateway_call(url: str, payload: list[bytes]) -> Callable[[int], Awaitable[Any]]:
+                    return lambda i: client.post(url + "/v1/detect", content=payload[i],
+                                                 headers={"content-type": "application/json"})
+
+                modes: dict[str, Callable[[int], Awaitable[Any]]] = {
+                    "model only (in-process)": lambda i: asyncio.to_thread(detector.detect, images[i:i + 1]),
+                    **{f"direct triton {t}": (lambda i, b=b: b.detect("twn", images[i:i + 1]))
+                       for t, b in direct.items()},
+                    **{f"gateway -> triton {t}": gateway_call(u, bodies) for t, u in gateways.items()},
+                    "gateway -> local": gateway_call(gateways["shm"], local_bodies),
+                }
+                times: dict[str, list[float]] = {m: [] for m in modes}
+                stages: list[dict[str, float]] = []
+                for call in modes.values():  # warm-up
+                    for i in range(5):
+                        await call(i % len(pfs))
+                for _ in range(rounds):
+                    for mode, call in modes.items():
+                        for k in range(10):
+                            t0 = time.perf_counter()
+                            out = await call(k % len(pfs))
+                            times[mode].append(time.perf_counter() - t0)
+                            if mode == "gateway -> triton shm":
+                                stages.append(out.json()["events"][0]["timing_ms"])
+        finally:
+            for backend in direct.values():
+                await backend.close()
+            for proc in procs:
+                proc.terminate()
+                proc.wait()
+    base = float(np.median(times["model only (in-process)"])) * 1e3
+    return {
+        "events": {"candidates_mean": int(np.mean([len(p) for p in pfs])),
+                   "json_bytes_mean": int(np.mean([len(b) for b in bodies]))},
+        "requests_per_mode": 10 * rounds,
+        "latency_ms": {m: {"p50": round(float(np.median(t)) * 1e3, 2),
+                           "p90": round(float(np.percentile(t, 90)) * 1e3, 2),
+                           "p50_minus_model_only": round(float(np.median(t)) * 1e3 - base, 2)}
+                       for m, t in times.items()},
+        "gateway_stage_p50_ms (triton shm)": {k: round(float(np.median([s[k] for s in stages])), 3)
+                                              for k in stages[0]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="Rounds of 10 requests per mode.")
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.rounds, args.repository))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
