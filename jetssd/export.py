@@ -126,7 +126,7 @@ def export_model(checkpoint: Path, variant: str, repository: Path, *, version: i
                                   sha256_file(onnx_path), parity)
         metadata["metrics"] = json.loads(metrics_json)
         write_text_atomic(staging / METADATA_FILE, to_json(metadata, "metadata", indent=2) + "\n")
-        _publish(staging, final, overwrite)
+        publish_version(staging, final, overwrite)
     return final
 
 
@@ -372,6 +372,16 @@ def _staging_dir(parent: Path, version: int) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_version(staging: Path, final: Path, overwrite: bool) -> None:
+    """Publish a complete version directory (:func:`_publish`), then bring the repository's Triton configs for
+    this variant up to date (``pfjet_ssd_<v>``, ``pfjet_nms_<v>``, the ensemble ``pfjet_<v>``: DESIGN §4.4), so
+    an exported model is servable as it lands."""
+    from jetssd.triton.repository import SSD_PREFIX, write_triton_repository
+
+    _publish(staging, final, overwrite)
+    write_triton_repository(final.parent.parent, [final.parent.name.removeprefix(SSD_PREFIX)])
 
 
 def _publish(staging: Path, final: Path, overwrite: bool) -> None:

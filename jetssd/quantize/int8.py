@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from jetssd.anchors import AnchorConfig, FeatureMap, anchor_centres
 from jetssd.atomic import write_text_atomic
 from jetssd.event import SparsePixels
-from jetssd.export import _publish, _staging_dir, model_name, sha256_file
+from jetssd.export import _staging_dir, model_name, publish_version, sha256_file
 from jetssd.inference import METADATA_FILE, MODEL_FILE, make_session, read_metadata
 from jetssd.postprocess import Detections, PostprocessConfig, postprocess
 from jetssd.rasterize import densify_batch
@@ -168,7 +168,7 @@ def quantize_model(float_dir: Path, repository: Path, calibration: Sequence[Spar
         if fixed is not None:
             metadata.update(fixed.metadata)
         write_text_atomic(staging / METADATA_FILE, to_json(metadata, "metadata", indent=2) + "\n")
-        _publish(staging, final, overwrite)
+        publish_version(staging, final, overwrite)
     return final
 
 

@@ -119,10 +119,15 @@ def torch_outputs(model: PFJetSSD, images: np.ndarray) -> list[np.ndarray]:
 def test_export_writes_checked_model_and_metadata(exported: Path, checkpoint: Path, config: TrainConfig) -> None:
     assert exported.name == "1"
     assert exported.parent.name == "pfjet_ssd_fpn"
-    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", "model.onnx"]
+    # The graph, its metadata and the Triton python-backend shim (jetssd triton-repo's, written by the export).
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", "model.onnx", "model.py"]
     assert exported.stat().st_mode & 0o755 == 0o755  # readable by a server running as another user
-    # Nothing else in the model directory: no leftover staging directory, no Triton config (not ours).
-    assert [p.name for p in exported.parent.iterdir()] == ["1"]
+    # Nothing else in the model directory (no leftover staging directory) but its Triton config, and the
+    # repository has the variant's post-processing model and ensemble: servable as exported.
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["1", "config.pbtxt"]
+    repo = exported.parent.parent
+    assert (repo / "pfjet_nms_fpn" / "1" / "metadata.json").read_text() == (exported / "metadata.json").read_text()
+    assert (repo / "pfjet_fpn" / "config.pbtxt").is_file()
     onnx.checker.check_model(str(exported / "model.onnx"), full_check=True)
     graph = onnx.load(str(exported / "model.onnx"))
     assert [i.name for i in graph.graph.input] == ["image"]
@@ -188,7 +193,8 @@ def test_export_refuses_to_overwrite_unless_asked(exported: Path, checkpoint: Pa
     out = export_model(checkpoint, "fpn", repo, overwrite=True, metrics={"run": "second"})
     assert out == target
     assert json.loads((target / "metadata.json").read_text())["metrics"] == {"run": "second"}
-    assert [p.name for p in target.parent.iterdir()] == ["1"]  # the old version and the staging dir are gone
+    # the old version and the staging dir are gone
+    assert sorted(p.name for p in target.parent.iterdir()) == ["1", "config.pbtxt"]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "FPN", ""])

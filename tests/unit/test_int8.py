@@ -65,8 +65,9 @@ def int8_dir(float_dir: Path, events: list[SparsePixels], tmp_path_factory: pyte
 def test_writes_model_and_metadata(int8_dir: Path, float_dir: Path) -> None:
     assert int8_dir.name == "1"
     assert int8_dir.parent.name == "pfjet_ssd_int8"
-    assert sorted(p.name for p in int8_dir.iterdir()) == ["metadata.json", "model.onnx"]
-    assert [p.name for p in int8_dir.parent.iterdir()] == ["1"]  # no staging leftovers
+    assert sorted(p.name for p in int8_dir.iterdir()) == ["metadata.json", "model.onnx", "model.py"]
+    assert sorted(p.name for p in int8_dir.parent.iterdir()) == ["1", "config.pbtxt"]  # no staging leftovers
+    assert (int8_dir.parents[1] / "pfjet_int8" / "config.pbtxt").is_file()  # servable by Triton as it lands
     onnx.checker.check_model(str(int8_dir / "model.onnx"))
     meta = json.loads((int8_dir / "metadata.json").read_text())
     float_meta = json.loads((float_dir / "metadata.json").read_text())
@@ -145,7 +146,7 @@ def test_refuses_overwrite_unless_asked(int8_dir: Path, float_dir: Path, events:
     assert out == int8_dir
     meta = json.loads((out / "metadata.json").read_text())
     assert (meta["quantization"]["format"], meta["quantization"]["calibration_events"]) == ("qoperator", 2)
-    assert [p.name for p in out.parent.iterdir()] == ["1"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1", "config.pbtxt"]
     OnnxDetector(out, threads=1).run(synthetic_images(1, seed=2))
 
 

@@ -429,7 +429,7 @@ def test_export_gives_integer_kernels_that_reproduce_the_qat_network(tmp_path: P
     events = [sparsify(image) for image in synthetic_images(3, seed=11)]
     out = export_int8_qat(checkpoint, tmp_path / "repo", events, calibration_sources=["synthetic seed 11"])
     assert out == tmp_path / "repo" / "pfjet_ssd_int8" / "1"
-    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.onnx", "model.py"]
 
     ops = op_counts(out / "model.onnx")
     assert ops.get("QLinearConv", 0) >= 17  # every backbone conv runs as an integer kernel
