@@ -43,11 +43,13 @@ test: lint unit  ## Everything CI runs: lint, type checks and the test suite
 run: $(SERVICE_STAMP)  ## Start Triton + the gateway on the shipped models (Ctrl-C stops both)
 	$(VENV)/bin/jetssd-service serve
 
-bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in ORT), with same-run baselines
+bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in ORT, gateway + Triton), same-run baselines
 	$(PY) benchmarks/bench_rasterize.py
 	$(PY) benchmarks/bench_postprocess.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_gateway.py
+	$(PY) benchmarks/bench_triton.py
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,8 +7,12 @@ free ports, then times, interleaved in chunks of 10 requests so that every mode 
 * direct triton <transport>: the gateway's TritonBackend called from this process (dense image → jets);
 * gateway HTTP → triton <transport> / local: PF candidates as JSON through the gateway over real HTTP.
 
-Prints JSON: p50/p90 ms per mode and p50 minus the model-only p50 (DESIGN §6 target: gateway + Triton ≤
-model-only + 3 ms at p50), plus the gateway's own stage timings.
+Then throughput (events/s) with batching, same machine, same run: model only at batch 8 (the baseline), the
+gateway with 8 events per request (triton shm, local), and 8 concurrent single-event clients of the gateway
+(triton shm: Triton's dynamic batching merges them).
+
+Prints JSON: p50/p90/p99 ms per mode and p50 minus the model-only p50 (DESIGN §6 target: gateway + Triton ≤
+model-only + 3 ms at p50), the gateway's own stage timings, and events/s with the ratio to model only.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ async def run(rounds: int, repository: Path) -> dict[str, Any]:
                             times[mode].append(time.perf_counter() - t0)
                             if mode == "gateway -> triton shm":
                                 stages.append(out.json()["events"][0]["timing_ms"])
+                throughput = await measure_throughput(client, gateways["shm"], detector, images, pfs, rounds)
         finally:
             for backend in direct.values():
                 await backend.close()
@@ -136,11 +141,62 @@ async def run(rounds: int, repository: Path) -> dict[str, Any]:
         "requests_per_mode": 10 * rounds,
         "latency_ms": {m: {"p50": round(float(np.median(t)) * 1e3, 2),
                            "p90": round(float(np.percentile(t, 90)) * 1e3, 2),
+                           "p99": round(float(np.percentile(t, 99)) * 1e3, 2),
                            "p50_minus_model_only": round(float(np.median(t)) * 1e3 - base, 2)}
                        for m, t in times.items()},
         "gateway_stage_p50_ms (triton shm)": {k: round(float(np.median([s[k] for s in stages])), 3)
                                               for k in stages[0]},
+        "throughput_events_per_s": throughput,
     }
+
+
+BATCH = 8
+"""Events per batch (model only, per gateway request) and concurrent clients in the throughput phase."""
+
+
+def pf_body(pfs: list[Any], first: int, n: int, backend: str | None = None) -> bytes:
+    events = [{"id": str(first + k), "pf_candidates": {"pt": p.pt.tolist(), "eta": p.eta.tolist(),
+                                                       "phi": p.phi.tolist(), "kind": p.kind.tolist()}}
+              for k, p in enumerate(pfs[first:first + n])]
+    return json.dumps({"events": events, **({"backend": backend} if backend else {})}).encode()
+
+
+async def measure_throughput(client: httpx.AsyncClient, url: str, detector: OnnxDetector, images: np.ndarray,
+                             pfs: list[Any], rounds: int) -> dict[str, Any]:
+    """events/s of each batched mode, measured one after the other over ``rounds`` × 8 batches of 8 events."""
+    n_batches = 8 * rounds
+    batch_images = np.concatenate([images] * (BATCH // len(images) + 1))[:BATCH]
+    many = pfs * (BATCH // len(pfs) + 1)
+    headers = {"content-type": "application/json"}
+    triton_body, local_body = pf_body(many, 0, BATCH), pf_body(many, 0, BATCH, "local")
+    single = [pf_body(many, k, 1) for k in range(BATCH)]
+
+    async def model_only() -> None:
+        await asyncio.to_thread(detector.detect, batch_images)
+
+    async def gateway_batch(body: bytes) -> None:
+        r = await client.post(url + "/v1/detect", content=body, headers=headers)
+        r.raise_for_status()
+
+    async def concurrent_singles() -> None:
+        rs = await asyncio.gather(*(client.post(url + "/v1/detect", content=b, headers=headers) for b in single))
+        for r in rs:
+            r.raise_for_status()
+
+    modes = {"model only, batch 8 (in-process)": model_only,
+             "gateway -> triton shm, 8 events per request": lambda: gateway_batch(triton_body),
+             "gateway -> local, 8 events per request": lambda: gateway_batch(local_body),
+             "gateway -> triton shm, 8 concurrent 1-event requests": concurrent_singles}
+    out: dict[str, Any] = {}
+    for name, call in modes.items():
+        await call()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            await call()
+        out[name] = round(n_batches * BATCH / (time.perf_counter() - t0), 2)
+    base = out["model only, batch 8 (in-process)"]
+    out["ratio_to_model_only"] = {k: round(v / base, 3) for k, v in out.items() if isinstance(v, float)}
+    return out
 
 
 def main() -> None:

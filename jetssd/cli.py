@@ -249,7 +249,7 @@ def train(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (best.pt).")],
-    variant: Annotated[str, typer.Option(help="Model variant: fpn, twn or int8.")] = "fpn",
+    variant: Annotated[str, typer.Option(help="Model variant: fpn or twn (int8: jetssd quantize).")] = "fpn",
     repository: Annotated[Path, typer.Option(help="Model repository root.")] = Path("model_repository"),
     version: Annotated[int, typer.Option(help="Model version (a numbered folder).")] = 1,
     metrics: Annotated[Path | None, typer.Option(help="report.json of `jetssd evaluate` to record as the "
@@ -258,7 +258,9 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (input `image` [N,3,340,360] GeV) with metadata.json, checked against PyTorch.
 
-    Writes REPOSITORY/pfjet_ssd_<variant>/<version>/{model.onnx, metadata.json}.
+    Writes REPOSITORY/pfjet_ssd_<variant>/<version>/{model.onnx, metadata.json} and brings the variant's Triton
+    configs up to date (pfjet_ssd_<variant>, pfjet_nms_<variant>, ensemble pfjet_<variant>): servable at once.
+    Variants fpn and twn; int8 comes from `jetssd quantize`.
     """
     try:
         from jetssd.export import export_model
@@ -378,7 +380,8 @@ def quantize(
     """INT8 quantization with ONNX Runtime: post-training (--model) or from a QAT checkpoint (--qat).
 
     Per-channel int8 weights and integer Conv kernels; log1p, L2Norm and ECA stay float. Writes
-    REPOSITORY/pfjet_ssd_int8/<version>. --model calibrates the activation ranges of an exported float model on
+    REPOSITORY/pfjet_ssd_int8/<version> and its Triton configs (pfjet_ssd_int8, pfjet_nms_int8, ensemble
+    pfjet_int8). --model calibrates the activation ranges of an exported float model on
     the events. --qat takes a checkpoint trained with `jetssd train --set compress.int8_qat=true` (usually
     fine-tuned from the FPN with --set run.init=...): its BN-folded weights and learned activation ranges become
     the int8 graph, which is checked against the QAT network (metadata quantization.method = "qat").

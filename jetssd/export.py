@@ -137,6 +137,9 @@ def _check_arguments(variant: str, version: int, check_events: Sequence[SparsePi
     """Cheap argument checks, before anything is loaded or written."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "int8":  # a float graph published as pfjet_ssd_int8 would be served as int8 and mislabel it
+        raise ValueError("variant 'int8' is made by `jetssd quantize` (post-training from an exported float model, "
+                         "or --qat from an INT8 quantization-aware checkpoint), not by exporting a float checkpoint")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be an integer ≥ 1 (a Triton version directory), got {version!r}")
     if check_events is not None and len(check_events) == 0:

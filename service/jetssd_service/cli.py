@@ -39,6 +39,8 @@ def gateway(
     One process: the Prometheus metrics live in it and the local backend's ONNX Runtime sessions are
     shared by all requests. Scale out with several gateways behind a load balancer, not with workers.
     """
+    import logging
+
     import uvicorn
 
     from jetssd_service.app import create_app
@@ -47,6 +49,10 @@ def gateway(
     overrides: dict[str, Any] = {key: value for key, value in (("gateway_host", host), ("gateway_port", port),
                                               ("default_backend", backend), ("default_model", model),
                                               ("model_repository", model_repository)) if value is not None}
+    # The gateway's own lines ("connected to Triton", "ready to serve", fallbacks) next to uvicorn's.
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = Settings(**overrides)
     except ValueError as exc:  # pydantic's ValidationError names the bad setting

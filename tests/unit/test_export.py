@@ -197,7 +197,7 @@ def test_export_refuses_to_overwrite_unless_asked(exported: Path, checkpoint: Pa
     assert sorted(p.name for p in target.parent.iterdir()) == ["1", "config.pbtxt"]
 
 
-@pytest.mark.parametrize("variant", ["fp32", "FPN", ""])
+@pytest.mark.parametrize("variant", ["fp32", "FPN", "", "int8"])
 def test_export_rejects_bad_variant(checkpoint: Path, tmp_path: Path, variant: str) -> None:
     with pytest.raises(ValueError, match="variant"):
         export_model(checkpoint, variant, tmp_path)
@@ -219,7 +219,7 @@ def test_export_rejects_unserialisable_metrics_before_writing(checkpoint: Path, 
 def test_export_metrics_are_strict_json(checkpoint: Path, tmp_path: Path) -> None:
     metrics = {"ap": {"t": np.float64(np.nan), "V": 0.5}, "curve": np.arange(3, dtype=np.float32), "n": np.int64(7),
                "classes": ("t", "V"), "fake_rate": float("inf")}
-    out = export_model(checkpoint, "int8", tmp_path, metrics=metrics)
+    out = export_model(checkpoint, "twn", tmp_path, metrics=metrics)
     text = (out / "metadata.json").read_text()
     assert "NaN" not in text
     assert "Infinity" not in text
