@@ -28,7 +28,7 @@ from jetssd.postprocess import Detections
 from jetssd.rasterize import densify, rasterize_batch, rasterize_sparse
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-VARIANTS = ("fpn", "twn")
+VARIANTS = tuple(sorted(p.name.removeprefix("pfjet_ssd_") for p in REPOSITORY.glob("pfjet_ssd_*")))
 JET_FIELDS = ("score", "eta", "phi", "pt")
 LOCAL_BATCH = 2
 """Events per ONNX Runtime run of the test gateway: requests of 3+ events run in several batches."""
@@ -251,7 +251,8 @@ def test_models_lists_variants_versions_and_backends(client: TestClient, detecto
     assert set(models) == set(VARIANTS)
     for name, m in models.items():
         assert m["version"] == detectors[name].version
-        assert m["versions"] == [detectors[name].version]
+        assert m["versions"] == sorted(int(p.name) for p in (REPOSITORY / f"pfjet_ssd_{name}").iterdir()
+                                       if p.name.isdigit())
         assert m["backends"]["local"] == {"available": True, "detail": None}
         assert m["backends"]["triton"]["available"] is False
         assert m["backends"]["dsp"]["available"] is False
@@ -337,7 +338,8 @@ def test_a_broken_model_is_reported_and_the_others_still_serve(tmp_path: Path, s
 
     repo = tmp_path / "repo"
     shutil.copytree(REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "pfjet_ssd_fpn" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    served = max(int(p.name) for p in (repo / "pfjet_ssd_fpn").iterdir() if p.name.isdigit())  # the newest
+    (repo / "pfjet_ssd_fpn" / str(served) / "model.onnx").write_bytes(b"not an onnx graph")
     broken = settings.model_copy(update={"model_repository": repo, "default_model": "fpn"})
     with TestClient(create_app(broken)) as c:
         models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}

@@ -350,7 +350,7 @@ def test_writer_errors(exported_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         write_triton_repository(tmp_path / "nowhere")
     variant = VARIANTS[0]
-    v2 = exported_copy / f"pfjet_ssd_{variant}" / "2"
+    v2 = exported_copy / f"pfjet_ssd_{variant}" / str(next_version(exported_copy / f"pfjet_ssd_{variant}"))
     shutil.copytree(exported_copy / f"pfjet_ssd_{variant}" / "1", v2)
     meta = json.loads((v2 / "metadata.json").read_text())
     meta["outputs"][0]["name"] = "offsets"
@@ -359,16 +359,22 @@ def test_writer_errors(exported_copy: Path, tmp_path: Path) -> None:
         write_triton_repository(exported_copy, [variant])
 
 
+def next_version(model_dir: Path) -> int:
+    return 1 + max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+
+
 def test_new_version_gets_its_nms_twin(exported_copy: Path) -> None:
     variant = VARIANTS[0]
-    shutil.copytree(exported_copy / f"pfjet_ssd_{variant}" / "1", exported_copy / f"pfjet_ssd_{variant}" / "2")
+    ssd = exported_copy / f"pfjet_ssd_{variant}"
+    versions = sorted(int(p.name) for p in ssd.iterdir() if p.name.isdigit())
+    new = str(next_version(ssd))
+    shutil.copytree(ssd / "1", ssd / new)
     write_triton_repository(exported_copy, [variant])
     nms = exported_copy / f"pfjet_nms_{variant}"
-    assert sorted(p.name for p in nms.iterdir() if p.is_dir()) == ["1", "2"]
-    assert (nms / "2" / "metadata.json").read_bytes() == (
-        exported_copy / f"pfjet_ssd_{variant}" / "2" / "metadata.json").read_bytes()
-    assert "jetssd.triton.nms_model" in (nms / "2" / "model.py").read_text()
-    assert "jetssd.triton.ssd_model" in (exported_copy / f"pfjet_ssd_{variant}" / "2" / "model.py").read_text()
+    assert sorted(int(p.name) for p in nms.iterdir() if p.is_dir()) == [*versions, int(new)]
+    assert (nms / new / "metadata.json").read_bytes() == (ssd / new / "metadata.json").read_bytes()
+    assert "jetssd.triton.nms_model" in (nms / new / "model.py").read_text()
+    assert "jetssd.triton.ssd_model" in (ssd / new / "model.py").read_text()
 
 
 def test_config_contents() -> None:
