@@ -10,9 +10,9 @@ only that variant (``write_triton_repository`` with the setting), starts the rea
   mean batch the SSD model ran (``nv_inference_count / nv_inference_exec_count``).
 
 Baseline in the same run: in-process ``OnnxDetector.detect`` of one event with 1 and 2 threads (p50 ms).
-The events are synthetic (``blob`` images: soft pixels plus hot clusters; the cost of the graph does not depend
-on the content). Machines are shared: compare only numbers of one run, and rerun with ``--rounds 2`` to see the
-noise. Writes JSON to stdout; ``--out FILE`` also saves it.
+The events are synthetic (``jetssd.export.synthetic_images``: soft pixels plus hot clusters; the cost of the
+graph does not depend on the content). Machines are shared: compare only numbers of one run, and rerun with
+``--rounds 2`` to see the noise. Writes JSON to stdout; ``--out FILE`` also saves it.
 """
 
 from __future__ import annotations
@@ -33,22 +33,11 @@ import tritonclient.http as httpclient
 from _report import emit
 from jetssd_service.triton_server import TritonServer
 
-from jetssd import geometry
+from jetssd.export import synthetic_images
 from jetssd.inference import OnnxDetector
 from jetssd.triton.repository import ServingConfig, write_triton_repository
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
-
-
-def blob_images(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    shape = (n, *geometry.IMAGE_SHAPE)
-    images = (rng.exponential(1.0, shape) * (rng.random(shape) < 0.02)).astype(np.float32)
-    for event in images:
-        for _ in range(3):
-            c, i, j = rng.integers(3), rng.integers(10, 330), rng.integers(0, 355)
-            event[c, i:i + 5, j:j + 5] += np.float32(rng.uniform(50, 800) / 25)
-    return images
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -146,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    images = blob_images(16)
+    images = synthetic_images(16)
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     result: dict[str, Any] = {"variant": args.variant, "baseline_in_process_batch1": {}, "runs": []}
     for threads in (1, 2):

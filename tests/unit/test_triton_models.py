@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from jetssd import geometry
+from jetssd.export import synthetic_images
 from jetssd.inference import OnnxDetector
 from jetssd.postprocess import Detections
 from jetssd.triton import nms_model, ssd_model
@@ -59,18 +59,6 @@ def assert_same(got: list[Detections], want: list[Detections]) -> None:
         for name in ("label", "score", "eta", "phi", "pt"):
             np.testing.assert_array_equal(getattr(g, name), getattr(w, name), err_msg=name)
             assert getattr(g, name).dtype == getattr(w, name).dtype
-
-
-def blob_images(n: int, seed: int) -> np.ndarray:
-    """Sparse soft pixels plus a few hot 5×5 clusters per event (the graph sees structure, not just biases)."""
-    rng = np.random.default_rng(seed)
-    shape = (n, *geometry.IMAGE_SHAPE)
-    images = (rng.exponential(1.0, shape) * (rng.random(shape) < 0.02)).astype(np.float32)
-    for event in images:
-        for _ in range(3):
-            c, i, j = rng.integers(3), rng.integers(10, 330), rng.integers(0, 355)
-            event[c, i:i + 5, j:j + 5] += np.float32(rng.uniform(50, 800) / 25)
-    return images
 
 
 # --- request batching ------------------------------------------------------------------------------------------
@@ -250,7 +238,7 @@ def test_models_equal_the_in_process_detector(pb: types.ModuleType, variant: str
     ssd.initialize(model_args(f"pfjet_ssd_{variant}", ssd_dir, ["image"], raw))
     nms = nms_model.TritonPythonModel()
     nms.initialize(model_args(f"pfjet_nms_{variant}", nms_dir, raw, ["jets", "num_jets"]))
-    images = blob_images(3, seed=5)
+    images = synthetic_images(3, seed=5)
     detector = OnnxDetector(ssd_dir, threads=1)
 
     raw_responses = ssd.execute([FakeRequest(image=images[:1]), FakeRequest(image=images[1:])])
