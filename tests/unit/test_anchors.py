@@ -430,9 +430,13 @@ def test_a_legacy_model_keeps_its_stretched_anchors_in_the_detector() -> None:
     from jetssd.inference import OnnxDetector
 
     shipped = Path(__file__).resolve().parents[2] / "model_repository" / "pfjet_ssd_fpn"
-    detector = OnnxDetector(shipped, threads=1)
+    detector = OnnxDetector(shipped / "1", threads=1)  # FPN v1 predates the layout key
     assert detector.anchor_config.layout == "stretched"
     np.testing.assert_array_equal(detector.anchors, anchor_centres(INFERENCE_MAPS, "stretched"))
+    newest = OnnxDetector(shipped, threads=1)  # v2 was trained on the receptive-field layout and records it
+    assert newest.version >= 2
+    assert newest.anchor_config.layout == "receptive"
+    np.testing.assert_array_equal(newest.anchors, anchor_centres(INFERENCE_MAPS, "receptive"))
 
 
 # --------------------------------------------------------------------------------------------------
