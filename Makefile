@@ -14,25 +14,25 @@ EXTRAS ?= dev,datagen,train,inference
 help:  ## List the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml service/pyproject.toml
+$(STAMP): pyproject.toml service/pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" -e ./service
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" -e ./service -e "./client[dask,parquet]"
 	touch $(STAMP) $(SERVICE_STAMP)
 
 # What `make run` needs: the core and the service (no torch, no generator); `make install` is a superset.
-$(SERVICE_STAMP): pyproject.toml service/pyproject.toml
+$(SERVICE_STAMP): pyproject.toml service/pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[inference]" -e ./service
+	$(PY) -m pip install --quiet -e ".[inference]" -e ./service -e ./client
 	touch $(SERVICE_STAMP)
 
 install: $(STAMP)  ## Create .venv and install jetssd with the dev, datagen and train extras
 
 lint: $(STAMP)  ## ruff + mypy
-	$(VENV)/bin/ruff check jetssd service tests benchmarks
+	$(VENV)/bin/ruff check jetssd service client tests benchmarks
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)  ## pytest only
@@ -50,6 +50,7 @@ bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_triton.py
+	$(PY) client/benchmarks/bench_reprocess.py
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
