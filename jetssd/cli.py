@@ -459,6 +459,43 @@ def _channel_from_settings(settings_json: object) -> str:
         return ""
 
 
+# ------------------------------------------------------------------------------------------------ dsp (docs/dsp.md)
+
+dsp_app = typer.Typer(help="Fixed-point SensPro DSP emulation of the TWN model (contract: docs/dsp.md).",
+                      no_args_is_help=True)
+app.add_typer(dsp_app, name="dsp")
+
+
+@dsp_app.command("compile")
+def dsp_compile(
+    checkpoint: Annotated[Path, typer.Argument(help="TWN training checkpoint (best.pt, compress.twn = true).")],
+    calibration: Annotated[list[Path], typer.Option("--calibration", help="Event files for the activation ranges "
+                                                                          "(repeatable; not the test set).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Program file to write.")] = Path(
+        "model_repository/pfjet_dsp_twn/1/program.npz"),
+    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 64,
+    percentile: Annotated[float, typer.Option(help="Activation range = this percentile of |x| (100 = max).")] = 99.99,
+) -> None:
+    """Compile a TWN checkpoint into a DSP program: BN folded, 2-bit ternary depthwise weights, int8 weights
+    elsewhere, int8 activations with calibrated scales, integer multipliers and shifts."""
+    from jetssd.dsp.compile import compile_twn
+    from jetssd.io import DatasetFormatError, open_events
+
+    per_file = max(1, events // max(1, len(calibration)))
+    pixels: list[Any] = []
+    try:
+        for path in calibration:
+            with open_events(path) as f:
+                pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+        program = compile_twn(checkpoint, pixels, percentile=percentile)
+        program.metadata["calibration"]["sources"] = [str(p) for p in calibration]
+        program.save(out)
+    except (ValueError, FileNotFoundError, DatasetFormatError) as exc:
+        raise _fail(str(exc)) from None
+    n_ops = len(program.ops)
+    console.print(f"wrote {out}: {n_ops} ops, calibrated on {len(pixels)} events", soft_wrap=True)
+
+
 def main() -> None:
     app()
 
