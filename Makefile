@@ -50,7 +50,7 @@ bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_triton.py
-	$(PY) client/benchmarks/bench_reprocess.py
+	$(PY) benchmarks/bench_reprocess.py
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from _report import emit
 from jetssd_service.backends.triton import TritonBackend
 from jetssd_service.repository import ModelRepository
 from jetssd_service.settings import Settings
@@ -206,10 +207,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
     result = asyncio.run(run(args.rounds, args.repository))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`jetssd-client reprocess` throughput against the model alone, and `hlt` latency, same machine, same run.
 
 Starts the real service (`jetssd-service serve`: Triton + gateway) on free ports, writes an input file of μ = 50
-events (the 8 events of benchmarks/bench_gateway.py, repeated), then, interleaved for ``--rounds`` rounds so that
+events (the 8 events of bench_gateway.py, repeated), then, interleaved for ``--rounds`` rounds so that
 both see the same machine noise:
 
 * model only: ``OnnxDetector.detect`` in this process, batches of 16, 1 intra-op thread (the Triton model's
@@ -16,43 +16,27 @@ median ratio reprocess / model only (issue target ≥ 0.9), hlt latencies.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
+from _report import emit
+from bench_gateway import free_port, make_events
 
 from jetssd.event import Event, SparsePixels
 from jetssd.inference import OnnxDetector
 from jetssd.io import write_events
 from jetssd.rasterize import rasterize_batch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_events(cache: Path) -> list[Any]:
-    spec = importlib.util.spec_from_file_location("bench_gateway", ROOT / "benchmarks" / "bench_gateway.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return list(module.make_events(cache))
 
 
 def start_service(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -144,10 +128,7 @@ def main() -> None:
         "hlt_closed_loop_ms": hlt["latency_ms"],
         "hlt_server_timing_ms_p50": hlt["server_timing_ms_p50"],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
