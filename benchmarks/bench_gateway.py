@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 from _report import emit
+from jetssd_client.encode import pf_candidates
 from jetssd_service.backends.triton import TritonBackend
 from jetssd_service.repository import ModelRepository
 from jetssd_service.settings import Settings
@@ -69,10 +70,8 @@ async def run(rounds: int, repository: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         pfs = make_events(Path(tmp))
     images = rasterize_batch(pfs)
-    bodies = [json.dumps({"events": [{"id": str(i), "pf_candidates": {
-        "pt": p.pt.tolist(), "eta": p.eta.tolist(), "phi": p.phi.tolist(), "kind": p.kind.tolist()}}]}).encode()
-        for i, p in enumerate(pfs)]
-    local_bodies = [b.replace(b'{"events"', b'{"backend": "local", "events"', 1) for b in bodies]
+    bodies = [pf_body(pfs, i, 1) for i in range(len(pfs))]
+    local_bodies = [pf_body(pfs, i, 1, "local") for i in range(len(pfs))]
     models = ["pfjet_twn", "pfjet_ssd_twn", "pfjet_nms_twn"]
     with TritonServer(repository=repository, http_port=0, grpc_port=0, metrics_port=0, models=models) as server:
         host, http_port = server.http_url.rsplit(":", 1)
@@ -156,9 +155,7 @@ BATCH = 8
 
 
 def pf_body(pfs: list[Any], first: int, n: int, backend: str | None = None) -> bytes:
-    events = [{"id": str(first + k), "pf_candidates": {"pt": p.pt.tolist(), "eta": p.eta.tolist(),
-                                                       "phi": p.phi.tolist(), "kind": p.kind.tolist()}}
-              for k, p in enumerate(pfs[first:first + n])]
+    events = [{"id": str(first + k), "pf_candidates": pf_candidates(p)} for k, p in enumerate(pfs[first:first + n])]
     return json.dumps({"events": events, **({"backend": backend} if backend else {})}).encode()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from jetssd_client.encode import pf_candidates
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -30,9 +31,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def pf_event(event: Any, event_id: str) -> dict[str, Any]:
-    pf = event.pf
-    return {"id": event_id, "pf_candidates": {"pt": pf.pt.tolist(), "eta": pf.eta.tolist(), "phi": pf.phi.tolist(),
-                                              "kind": pf.kind.tolist()}}
+    return {"id": event_id, "pf_candidates": pf_candidates(event.pf)}
 
 
 def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(generated_event_dir: Path,

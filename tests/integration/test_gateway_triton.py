@@ -30,6 +30,7 @@ pytest.importorskip("tritonclient")
 
 import httpx
 from fastapi.testclient import TestClient
+from jetssd_client.encode import pf_candidates
 from jetssd_service.app import create_app
 from jetssd_service.settings import Settings
 
@@ -44,8 +45,7 @@ VARIANTS = ("fpn", "twn")
 
 
 def pf_event(pf: PFCandidates, event_id: str) -> dict[str, Any]:
-    return {"id": event_id, "pf_candidates": {"pt": pf.pt.tolist(), "eta": pf.eta.tolist(), "phi": pf.phi.tolist(),
-                                              "kind": pf.kind.tolist()}}
+    return {"id": event_id, "pf_candidates": pf_candidates(pf)}
 
 
 def free_port() -> int:

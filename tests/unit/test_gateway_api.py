@@ -19,6 +19,7 @@ pytest.importorskip("pythia8mc")
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient
+from jetssd_client.encode import pf_candidates
 from jetssd_service.app import create_app
 from jetssd_service.settings import Settings
 
@@ -65,8 +66,7 @@ def closed_port() -> int:
 
 
 def pf_event(pf: PFCandidates, event_id: str) -> dict[str, Any]:
-    return {"id": event_id, "pf_candidates": {"pt": pf.pt.tolist(), "eta": pf.eta.tolist(), "phi": pf.phi.tolist(),
-                                              "kind": pf.kind.tolist()}}
+    return {"id": event_id, "pf_candidates": pf_candidates(pf)}
 
 
 def pixel_event(pf: PFCandidates, event_id: str) -> dict[str, Any]:
