@@ -7,11 +7,12 @@ so ``jetssd-service gateway`` and a container that only sets variables behave th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from jetssd_service import serve_cli, triton_cli
+from jetssd_service.cli_support import configure_logging, settings_from_options
 
 app = typer.Typer(
     name="jetssd-service",
@@ -39,25 +40,14 @@ def gateway(
     One process: the Prometheus metrics live in it and the local backend's ONNX Runtime sessions are
     shared by all requests. Scale out with several gateways behind a load balancer, not with workers.
     """
-    import logging
-
     import uvicorn
 
     from jetssd_service.app import create_app
-    from jetssd_service.settings import Settings
 
-    overrides: dict[str, Any] = {key: value for key, value in (("gateway_host", host), ("gateway_port", port),
-                                              ("default_backend", backend), ("default_model", model),
-                                              ("model_repository", model_repository)) if value is not None}
     # The gateway's own lines ("connected to Triton", "ready to serve", fallbacks) next to uvicorn's.
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        settings = Settings(**overrides)
-    except ValueError as exc:  # pydantic's ValidationError names the bad setting
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    configure_logging(log_level)
+    settings = settings_from_options(gateway_host=host, gateway_port=port, default_backend=backend,
+                                     default_model=model, model_repository=model_repository)
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
                 log_level=log_level, access_log=False)
 

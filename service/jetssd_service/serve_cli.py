@@ -8,12 +8,12 @@ Ports and the repository come from the ``JETSSD_*`` settings, as for ``jetssd-se
 
 from __future__ import annotations
 
-import logging
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+
+from jetssd_service.cli_support import configure_logging, settings_from_options, triton_endpoints, triton_work_dir
 
 
 def serve(
@@ -31,21 +31,11 @@ def serve(
     import uvicorn
 
     from jetssd_service.app import create_app
-    from jetssd_service.settings import Settings
     from jetssd_service.triton_server import TritonServer, TritonStartError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    given: dict[str, Any] = {k: v for k, v in (("model_repository", model_repository),
-                                               ("gateway_port", gateway_port)) if v is not None}
-    try:
-        settings = Settings(**given)
-    except ValueError as exc:  # pydantic's ValidationError names the bad setting
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-    work_dir = Path(tempfile.gettempdir()) / f"jetssd-triton-{settings.triton_http_port}"
-    server = TritonServer.from_settings(settings, work_dir=work_dir, startup_timeout=startup_timeout)
+    configure_logging()
+    settings = settings_from_options(model_repository=model_repository, gateway_port=gateway_port)
+    server = TritonServer.from_settings(settings, work_dir=triton_work_dir(settings), startup_timeout=startup_timeout)
     try:
         server.start()  # from the main thread: the server's parent-death signal is tied to this thread
     except (TritonStartError, FileNotFoundError) as exc:
@@ -54,11 +44,7 @@ def serve(
         raise typer.Exit(1) from None
     try:
         base = f"http://{settings.gateway_host}:{settings.gateway_port}"
-        typer.echo(f"Triton ready ({server.repository})\n"
-                   f"  HTTP     http://{server.http_url}\n"
-                   f"  gRPC     {server.grpc_url}\n"
-                   f"  metrics  {server.metrics_url}\n"
-                   f"  log      {server.log_file}\n"
+        typer.echo(f"Triton ready ({server.repository})\n{triton_endpoints(server)}\n"
                    f"Gateway    {base}  (POST {base}/v1/detect, docs {base}/docs, metrics {base}/metrics)\n"
                    "Ctrl-C stops both.")
         # uvicorn handles SIGINT/SIGTERM itself: it finishes the requests in flight and returns here.

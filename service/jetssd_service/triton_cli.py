@@ -7,15 +7,15 @@ or shared-memory regions left behind). Imports stay light: the launcher is impor
 
 from __future__ import annotations
 
-import logging
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
 import typer
+
+from jetssd_service.cli_support import configure_logging, settings_from_options, triton_endpoints, triton_work_dir
 
 
 def triton(
@@ -42,25 +42,17 @@ def triton(
     Loads pfjet_ssd_<variant>, pfjet_nms_<variant> and the ensembles pfjet_<variant>, prints the endpoints, and
     reloads a model whose python stub process died. Generate the configs first with `jetssd triton-repo`.
     """
-    from jetssd_service.settings import Settings
     from jetssd_service.triton_server import TritonServer, TritonStartError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        given: dict[str, Any] = {k: v for k, v in (("model_repository", model_repository),
-                                                   ("triton_http_port", http_port), ("triton_grpc_port", grpc_port),
-                                                   ("triton_metrics_port", metrics_port)) if v is not None}
-        settings = Settings(**given)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    configure_logging()
+    settings = settings_from_options(model_repository=model_repository, triton_http_port=http_port,
+                                     triton_grpc_port=grpc_port, triton_metrics_port=metrics_port)
     overrides: dict[str, Any] = {"models": model or None, "log_file": log_file,
                                     "watchdog_interval": watchdog_interval or None,
                                     "startup_timeout": startup_timeout}
     if host is not None:
         overrides["host"] = host
-    overrides["work_dir"] = work_dir or Path(tempfile.gettempdir()) / f"jetssd-triton-{settings.triton_http_port}"
+    overrides["work_dir"] = work_dir or triton_work_dir(settings)
     server = TritonServer.from_settings(settings, **overrides)
 
     stop = threading.Event()
@@ -75,12 +67,7 @@ def triton(
         except (TritonStartError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"Triton ready on {server.repository}\n"
-                   f"  HTTP     http://{server.http_url}\n"
-                   f"  gRPC     {server.grpc_url}\n"
-                   f"  metrics  {server.metrics_url}\n"
-                   f"  log      {server.log_file}\n"
-                   "Ctrl-C to stop.")
+        typer.echo(f"Triton ready on {server.repository}\n{triton_endpoints(server)}\nCtrl-C to stop.")
         while not stop.wait(0.5):
             if not server.running:
                 typer.echo(f"error: tritonserver exited unexpectedly; see {server.log_file}", err=True)
