@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVICE_STAMP := $(VENV)/.installed-service
 # Extras installed for development and tests: the GPL generator stack (generator tests) and torch (model,
 # training and export tests; the CPU wheel 2.13.0 is on the project machines).
-EXTRAS ?= dev,datagen,train,inference
+EXTRAS ?= dev,datagen,train,inference,dsp
 
 .PHONY: install test lint unit run bench clean help
 
@@ -26,7 +26,7 @@ $(SERVICE_STAMP): pyproject.toml service/pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "pfjet-ssd needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[inference]" -e ./service -e ./client
+	$(PY) -m pip install --quiet -e ".[inference,dsp]" -e ./service -e ./client
 	touch $(SERVICE_STAMP)
 
 install: $(STAMP)  ## Create .venv and install jetssd with the dev, datagen and train extras

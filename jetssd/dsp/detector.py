@@ -8,6 +8,7 @@ exactly like the ONNX one. It has the ``detect_pixels`` of :class:`jetssd.infere
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,15 @@ class DspDetector:
         n_cells = int(np.prod(self.program.metadata.get("source_shape", [44, 46])))
         if n_cells != len(self.anchors) or head.get("activation") != "raw":
             raise ValueError(f"{program_path}: {n_cells} output cells, the model has {len(self.anchors)} anchors")
+        self._local = threading.local()  # one fast.Workspace per thread (the gateway runs batches in threads)
 
     def run(self, images: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32],
                                                          NDArray[np.float32]]:
         """(loc, cls_logits, reg) float32 of a batch [N, 3, 340, 360] GeV, like ``OnnxDetector.run``."""
-        return fast.run_float(self.program, images)
+        workspace = getattr(self._local, "workspace", None)
+        if workspace is None:
+            workspace = self._local.workspace = fast.Workspace()
+        return fast.run_float(self.program, images, workspace)
 
     def detect(self, images: NDArray[np.float32]) -> list[Detections]:
         loc, cls_logits, reg = self.run(images)

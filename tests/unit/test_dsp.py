@@ -172,6 +172,38 @@ def test_reference_equals_fast_synthetic_saturating(activation: str, tmp_path: P
     assert (first == lo).mean() > 0.05
 
 
+@pytest.mark.parametrize("circular_phi", [True, False])
+def test_sparse_scatter_and_gemm_paths_agree(circular_phi: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first conv takes the scatter kernel on a mostly-empty image and the im2col GEMM otherwise: same bits,
+    at the φ seam (hits in the first and last columns) and at the η edges, and both equal the reference."""
+    rng = np.random.default_rng(11)
+    program = _synthetic_program(rng, "relu")
+    program.ops[1]["circular_phi"] = circular_phi
+    images = np.zeros((2, 3, 10, 13), np.float32)
+    for y, x in ((0, 0), (9, 12), (4, 0), (5, 12), (3, 6)):
+        images[:, :, y, x] = rng.exponential(20.0, (2, 3))
+    x = fast.quantize_input(program.ops[0], images)
+    assert 0 < np.count_nonzero(x) < fast.SPARSE_FRACTION * x.size * 4
+    monkeypatch.setattr(fast, "SPARSE_FRACTION", 1.0)  # everything counts as sparse
+    sparse = fast.conv(program.ops[1], x)
+    monkeypatch.setattr(fast, "SPARSE_FRACTION", 0.0)  # nothing does
+    dense = fast.conv(program.ops[1], x)
+    np.testing.assert_array_equal(sparse, dense)
+    np.testing.assert_array_equal(reference.conv(program.ops[1], x[0].astype(np.int64)), dense[0])
+
+
+def test_workspace_reuse_gives_the_same_bits() -> None:
+    rng = np.random.default_rng(12)
+    program = _synthetic_program(rng, "prelu")
+    images = (rng.exponential(2.0, (2, 3, 10, 13)) * (rng.random((2, 3, 10, 13)) < 0.5)).astype(np.float32)
+    other = np.ascontiguousarray(images[::-1])
+    workspace = fast.Workspace()
+    first = fast.run(program, images, workspace)
+    second = fast.run(program, other, workspace)  # overwrites every buffer of the first call
+    np.testing.assert_array_equal(first, fast.run(program, images))
+    np.testing.assert_array_equal(second, fast.run(program, other))
+
+
 # ------------------------------------------------------------------------------------- the shipped TWN
 
 
