@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from jetssd.dsp import DEFAULT_PERCENTILE  # a constant only: the compiler itself (torch) loads in the command
+
 app = typer.Typer(
     name="jetssd",
     help="PFJet-SSD: jet detection on LHC events. Generate events, inspect datasets, draw event displays.",
@@ -471,15 +473,25 @@ def dsp_compile(
     checkpoint: Annotated[Path, typer.Argument(help="TWN training checkpoint (best.pt, compress.twn = true).")],
     calibration: Annotated[list[Path], typer.Option("--calibration", help="Event files for the activation ranges "
                                                                           "(repeatable; not the test set).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Program file to write.")] = Path(
-        "model_repository/pfjet_dsp_twn/1/program.npz"),
+    model: Annotated[Path, typer.Option(
+        "--model", help="The exported float TWN model the program belongs to (newest version); the program goes "
+                        "to <version>/dsp/.")] = Path("model_repository/pfjet_ssd_twn"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Program file to write instead "
+                                                                 "(default: <model version>/dsp/program.npz).")] = None,
     events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 64,
-    percentile: Annotated[float, typer.Option(help="Activation range = this percentile of |x| (100 = max).")] = 99.99,
+    percentile: Annotated[float, typer.Option(help="Activation range per channel = this percentile of |x| "
+                                                   "(100 = max).")] = DEFAULT_PERCENTILE,
 ) -> None:
     """Compile a TWN checkpoint into a DSP program: BN folded, 2-bit ternary depthwise weights, int8 weights
-    elsewhere, int8 activations with calibrated scales, integer multipliers and shifts."""
+    elsewhere, int8 activations with per-channel calibrated scales, integer multipliers and shifts."""
     from jetssd.dsp.compile import compile_twn
+    from jetssd.dsp.detector import program_path
     from jetssd.io import DatasetFormatError, open_events
+
+    try:
+        out = out or program_path(model)
+    except FileNotFoundError as exc:
+        raise _fail(f"--model: {exc}") from None
 
     per_file = max(1, events // max(1, len(calibration)))
     pixels: list[Any] = []

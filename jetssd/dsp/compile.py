@@ -17,6 +17,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from jetssd.dsp import DEFAULT_PERCENTILE
 from jetssd.dsp.arith import INT32_MAX, quantize_multiplier
 from jetssd.dsp.program import Program
 from jetssd.event import SparsePixels
@@ -33,8 +34,6 @@ L2_SQRT_SHIFT_MAX = 8
 CALIBRATION_BATCH = 4
 CALIBRATION_SAMPLE = 200_000
 """Values of each tensor kept per calibration batch (a regular stride through it, plus its maximum)."""
-DEFAULT_PERCENTILE = 99.99
-"""Activation range = this percentile of |x| over the calibration samples (100 = max)."""
 
 
 def _round_away(x: NDArray[np.float64]) -> NDArray[np.int64]:
@@ -81,81 +80,122 @@ def _ternary_of(state: dict[str, Any], conv_name: str) -> tuple[NDArray[np.int8]
 
 
 class _Calibrator:
-    """Max |activation| of the tensors the program quantizes, over the calibration images."""
+    """Activation ranges of the tensors the program quantizes, over the calibration images: per channel for the
+    backbone stages (their scales are per channel, docs/dsp.md §3.1), per tensor for the input and L2Norm."""
 
     def __init__(self, net: PFJetSSD, percentile: float) -> None:
         self.net = net
         self.percentile = percentile
         self.samples: dict[str, list[NDArray[np.float32]]] = {}
         self.handles: list[Any] = []
+        self.pre_sums: dict[str, NDArray[np.float64]] = {}
+        self.pre_counts: dict[str, int] = {}
         for idx in range(SOURCE1_INDEX + 1):
             block = net.backbone[idx]
             if isinstance(block, ConvBN | ConvDW):
-                for name, _conv, _bn, act, _dw in _stages(idx, block):
+                for name, _conv, bn, act, _dw in _stages(idx, block):
                     self._watch(name, act)
+                    self._watch_mean(name, bn)
         self._watch("l2norm", _child(net.source1, "l2norm"))
         self._watch("input", net.normalise)
 
-    def _watch(self, key: str, module: nn.Module) -> None:
+    def _watch_mean(self, key: str, module: nn.Module) -> None:
+        """Per-channel sum and count of a stage's pre-activation (its BN output), for the bias correction."""
         def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
-            flat = out.detach().abs().reshape(-1).numpy()
-            step = max(1, flat.size // CALIBRATION_SAMPLE)
-            self.samples.setdefault(key, []).append(np.concatenate([flat[::step], [flat.max()]]))
+            sums = out.detach().double().sum(dim=(0, 2, 3)).numpy()
+            self.pre_sums[key] = self.pre_sums.get(key, 0.0) + sums
+            self.pre_counts[key] = self.pre_counts.get(key, 0) + out.shape[0] * out.shape[2] * out.shape[3]
         self.handles.append(module.register_forward_hook(hook))
 
-    def run(self, images: NDArray[np.float32]) -> dict[str, float]:
+    def pre_activation_means(self) -> dict[str, NDArray[np.float64]]:
+        """{stage: mean pre-activation per channel [C]} over the calibration images (after :meth:`run`)."""
+        return {key: self.pre_sums[key] / self.pre_counts[key] for key in self.pre_sums}
+
+    def _watch(self, key: str, module: nn.Module) -> None:
+        def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            # [C, values]: a regular stride through each channel, plus its maximum.
+            flat = out.detach().abs().transpose(0, 1).reshape(out.shape[1], -1).numpy()
+            step = max(1, flat.shape[1] * flat.shape[0] // CALIBRATION_SAMPLE)
+            self.samples.setdefault(key, []).append(np.concatenate([flat[:, ::step], flat.max(1, keepdims=True)], 1))
+        self.handles.append(module.register_forward_hook(hook))
+
+    def run(self, images: NDArray[np.float32]) -> dict[str, NDArray[np.float64]]:
+        """{tensor: range}, a [C] array per backbone stage, a [1] array for "input" and "l2norm"."""
         with torch.no_grad():
             for first in range(0, len(images), CALIBRATION_BATCH):
                 self.net(torch.from_numpy(images[first:first + CALIBRATION_BATCH]))
         for h in self.handles:
             h.remove()
-        # The input keeps its maximum: a percentile of a mostly-empty image would clip the jet cores' pT.
-        return {key: float(np.percentile(np.concatenate(parts), 100.0 if key == "input" else self.percentile))
-                for key, parts in self.samples.items()}
+        out = {}
+        for key, parts in self.samples.items():
+            values = np.concatenate(parts, axis=1)
+            if key in ("input", "l2norm"):
+                values = values.reshape(1, -1)
+            # The input keeps its maximum: a percentile of a mostly-empty image would clip the jet cores' pT.
+            q = 100.0 if key == "input" else self.percentile
+            # Percentile of the non-zero values: zero is exact at any scale, and a channel that fires only in
+            # jet cores would otherwise get the range of its empty pixels and clip exactly the jets.
+            out[key] = np.array([np.percentile(row[row > 0], q) if (row > 0).any() else 0.0 for row in values])
+        return out
 
 
-def _scale(maximum: float, activation: str) -> float:
+def _scale(maximum: NDArray[np.float64] | float, activation: str) -> NDArray[np.float64]:
+    """Scale(s) of an activation range: range / 255 (u8, after ReLU) or / 127 (s8)."""
     qmax = 255 if activation == "relu" else 127
-    return max(maximum, 1e-6) / qmax
+    return np.maximum(np.asarray(maximum, np.float64), 1e-6) / qmax
 
 
-def _conv_op(name: str, weight_real: NDArray[np.float64], bias_real: NDArray[np.float64], s_in: float,
-             activation: str, s_out: float | None, *, ternary: tuple[NDArray[np.int8], NDArray[np.float64]] | None,
-             groups: int, circular_phi: bool, in_max: int, prelu: NDArray[np.float64] | None = None
-             ) -> dict[str, Any]:
-    """A conv op: weights quantized (int8 per-channel symmetric, or the given ternary codes · scale), bias int32,
-    requantisation multipliers from s_in · s_w / s_out (None: raw int32 output, dequantised on the host)."""
+def _acc_bound(name: str, w_q: NDArray[np.int8], bias_q: NDArray[np.integer[Any]], in_max: int) -> int:
+    """Overflow bound of a conv's accumulator, max over channels of Σ|w_q| · max|x_q| + |bias|; ValueError when it
+    could leave int32."""
+    per_channel = np.abs(w_q.astype(np.int64)).reshape(len(w_q), -1).sum(axis=1) * in_max
+    worst = int((per_channel + np.abs(bias_q.astype(np.int64))).max())
+    if worst > INT32_MAX:
+        raise ValueError(f"{name}: accumulator may overflow int32 (bound {worst})")
+    return worst
+
+
+def _conv_op(name: str, weight_real: NDArray[np.float64], bias_real: NDArray[np.float64],
+             s_in: NDArray[np.float64], activation: str, s_out: NDArray[np.float64] | None, *,
+             ternary: tuple[NDArray[np.int8], NDArray[np.float64]] | None, groups: int, circular_phi: bool,
+             in_max: int, prelu: NDArray[np.float64] | None = None) -> dict[str, Any]:
+    """A conv op. ``s_in`` [C_in] and ``s_out`` [C_out] are per-channel activation scales (None: raw int32 output,
+    dequantised on the host).
+
+    The accumulator of output o counts in units ``acc_scale[o]``: for a dense conv the input scales are folded
+    into the weights before their per-output-channel int8 quantization (W'[o, c] = W[o, c] · s_in[c],
+    ``acc_scale[o]`` = max|W'[o]| / 127), which keeps the MAC a plain integer product; for the ternary depthwise
+    conv ``acc_scale[o]`` = α_o · s_in[o]. Bias int32 at ``acc_scale``, requantisation multiplier
+    ``acc_scale / s_out`` per output channel."""
     c_out = weight_real.shape[0]
+    s_in = np.broadcast_to(np.asarray(s_in, np.float64), (weight_real.shape[1] * groups,))
     if ternary is not None:
         codes, scale = ternary
         w_q = codes.astype(np.int8)
-        w_scale = scale
+        acc_scale = scale * s_in
         fmt = "ternary"
     else:
-        absmax = np.abs(weight_real).reshape(c_out, -1).max(axis=1)
-        w_scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-        w_q = np.clip(_round_away(weight_real / w_scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        folded = weight_real * s_in.reshape(1, -1, 1, 1)
+        absmax = np.abs(folded).reshape(c_out, -1).max(axis=1)
+        acc_scale = np.where(absmax > 0, absmax / 127.0, 1.0)
+        w_q = np.clip(_round_away(folded / acc_scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
         fmt = "int8"
-    acc_scale = s_in * w_scale
     bias_q = _round_away(bias_real / acc_scale)
-    # Overflow bound: |acc| ≤ Σ|w_q| · max|x_q|, plus |bias|: must stay in int32.
-    acc_bound = np.abs(w_q.astype(np.int64)).reshape(c_out, -1).sum(axis=1) * in_max
-    worst = int((acc_bound + np.abs(bias_q)).max())
-    if worst > INT32_MAX:
-        raise ValueError(f"{name}: accumulator may overflow int32 (bound {worst})")
+    worst = _acc_bound(name, w_q, bias_q, in_max)
     k = weight_real.shape[-1]
     op: dict[str, Any] = {
         "kind": "conv", "name": name, "kernel": int(k), "groups": int(groups), "circular_phi": bool(circular_phi),
         "c_in": int(weight_real.shape[1] * groups), "c_out": int(c_out), "weight_format": fmt,
-        "weight": w_q, "bias": bias_q.astype(np.int32), "weight_scale": w_scale.astype(np.float64),
-        "in_scale": float(s_in), "activation": activation, "acc_bound": worst,
+        "weight": w_q, "bias": bias_q.astype(np.int32), "acc_scale": acc_scale.astype(np.float64),
+        "in_scale": s_in.astype(np.float64).copy(), "activation": activation, "acc_bound": worst, "in_max": in_max,
         "acc_bound_k127": int(weight_real[0].size * 127 * in_max),
     }
     if s_out is None:
         op["activation"] = "raw"
         op["dequant"] = acc_scale.astype(np.float64)
         return op
-    op["out_scale"] = float(s_out)
+    s_out = np.broadcast_to(np.asarray(s_out, np.float64), (c_out,))
+    op["out_scale"] = s_out.copy()
     op["multiplier"], op["shift"] = _requant_arrays(acc_scale / s_out)
     if activation == "prelu":
         assert prelu is not None
@@ -164,7 +204,8 @@ def _conv_op(name: str, weight_real: NDArray[np.float64], bias_real: NDArray[np.
 
 
 def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
-                image_shape: tuple[int, int] = (340, 360), percentile: float = DEFAULT_PERCENTILE) -> Program:
+                image_shape: tuple[int, int] = (340, 360), percentile: float = DEFAULT_PERCENTILE,
+                bias_correction: bool = True) -> Program:
     """The DSP program of a TWN checkpoint (``compress.twn_layers = "depthwise"``), activation scales calibrated
     as max |x| over ``calibration_events`` (rasterized with the shared rasterizer)."""
     from jetssd.rasterize import densify_batch
@@ -180,7 +221,8 @@ def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
         raise ValueError(f"activation {cfg.activation!r} has no fixed-point form in the contract")
     act = "relu" if cfg.activation == "relu" else "prelu"
     images = densify_batch(list(calibration_events))
-    maxima = _Calibrator(net, percentile).run(images)
+    calibrator = _Calibrator(net, percentile)
+    maxima = calibrator.run(images)
 
     def slopes(module: nn.Module, channels: int) -> NDArray[np.float64] | None:
         if act != "prelu":
@@ -190,10 +232,11 @@ def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
             return np.broadcast_to(w, (channels,)).copy()
         return np.full(channels, float(getattr(module, "negative_slope", 0.25)))
 
-    s_in = _scale(maxima["input"], "relu")
+    s_in = float(_scale(maxima["input"], "relu")[0])
     thresholds = np.expm1((np.arange(1, 256, dtype=np.float64) - 0.5) * s_in).astype(np.float32)
-    ops: list[dict[str, Any]] = [{"kind": "input", "scale": float(s_in), "thresholds": thresholds}]
-    s = s_in
+    ops: list[dict[str, Any]] = [{"kind": "input", "scale": s_in, "thresholds": thresholds}]
+    s = np.full(3, s_in)
+    last_stage = _stages(SOURCE1_INDEX, net.backbone[SOURCE1_INDEX])[-1][0]
     x_max = 255
     for idx in range(SOURCE1_INDEX + 1):
         block = net.backbone[idx]
@@ -206,7 +249,8 @@ def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
             f = fold_factor(bn).detach().double().numpy()
             assert bn.running_mean is not None
             bias = (bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * f)
-            s_out = _scale(maxima[key], act)
+            # Per-channel output scales, except into L2Norm, whose Σ q_c² needs one scale for all channels.
+            s_out = _scale(maxima[key].max() if name == last_stage else maxima[key], act)
             ternary = None
             if is_dw:
                 codes, alpha = _ternary_of(state, name)
@@ -229,7 +273,7 @@ def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
     g = L2_SQRT_SHIFT_MAX
     while g > 0 and channels * in_qmax**2 * 2**g > INT32_MAX:
         g -= 2
-    s_y = _scale(maxima["l2norm"], "none")
+    s_y = float(_scale(maxima["l2norm"], "none")[0])
     w_l2 = cast(Tensor, _child(net.source1, "l2norm").weight).detach().double().numpy()
     unit = 2.0 ** (30 - g // 2)  # t_c = q_c · inv ≈ unit · q_c / ‖q‖
     mult, shift = _requant_arrays(w_l2 / (s_y * unit))
@@ -253,12 +297,58 @@ def compile_twn(checkpoint: Path, calibration_events: Sequence[SparsePixels],
     parts: list[tuple[str, nn.Conv2d]] = [("loc", head.loc), ("cls_logits", head.cls), ("reg", head.reg)]
     weight = np.concatenate([c.weight.detach().double().numpy() for _, c in parts])
     bias = np.concatenate([c.bias.detach().double().numpy() for _, c in parts if c.bias is not None])
-    op = _conv_op("head1", weight, bias, s_y, "none", None, ternary=None, groups=1,
+    op = _conv_op("head1", weight, bias, np.array([s_y]), "none", None, ternary=None, groups=1,
                   circular_phi=cfg.circular_phi, in_max=128)
     op["outputs"] = [[n, int(c.out_channels)] for n, c in parts]
     ops.append(op)
-    meta = {"checkpoint": {"file": checkpoint.name}, "network": cfg.to_dict(), "image_shape": list(image_shape),
-            "calibration": {"events": len(calibration_events),
-                            "method": f"percentile {percentile} of |x| per tensor (float TWN)", "ranges": maxima},
-            "source_shape": [int(h), int(w)]}
-    return Program(ops=ops, metadata=meta)
+    from jetssd.export import sha256_file
+
+    meta: dict[str, Any] = {
+        "checkpoint": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)}, "network": cfg.to_dict(),
+        "image_shape": list(image_shape),
+        "calibration": {"events": len(calibration_events),
+                        "method": f"percentile {percentile} of the non-zero |x| per channel (float TWN)"
+                                  + (", then bias correction" if bias_correction else ""),
+                        "ranges": {key: value.tolist() for key, value in maxima.items()}},
+        "source_shape": [int(h), int(w)]}
+    program = Program(ops=ops, metadata=meta)
+    if bias_correction:
+        meta["calibration"]["bias_correction"] = correct_biases(program, images, calibrator.pre_activation_means())
+    return program
+
+
+def correct_biases(program: Program, images: NDArray[np.float32], float_means: dict[str, NDArray[np.float64]]
+                   ) -> dict[str, float]:
+    """Empirical bias correction (Nagel et al. 2019, "Data-free quantization", §4.2), layer by layer in place.
+
+    Quantization, mostly the clipping of the rare large activations, shifts the mean of the next layers'
+    pre-activations. For each backbone conv in order, the emulator's mean accumulator per channel (in real units,
+    acc · acc_scale, over ``images`` run through the already corrected program) is compared with the float
+    network's mean pre-activation, and the int32 bias is moved by the difference, rounded to the accumulator grid.
+    Returns {layer: mean |shift| in accumulator LSBs}.
+    """
+    from jetssd.dsp import fast
+
+    batches = [fast.quantize_input(program.ops[0], images[i:i + CALIBRATION_BATCH])
+               for i in range(0, len(images), CALIBRATION_BATCH)]
+    shifts: dict[str, float] = {}
+    for op in program.ops[1:]:
+        kind = op["kind"]
+        if kind == "conv" and op["name"] in float_means:
+            raw = {**op, "activation": "raw"}
+            total = np.zeros(op["c_out"])
+            count = 0
+            for x in batches:
+                acc = fast.conv(raw, x)
+                total += acc.sum(axis=(0, 2, 3)) * op["acc_scale"]
+                count += acc.shape[0] * acc.shape[2] * acc.shape[3]
+            delta = np.rint((total / count - float_means[op["name"]]) / op["acc_scale"]).astype(np.int64)
+            bias = op["bias"].astype(np.int64) - delta
+            op["acc_bound"] = _acc_bound(op["name"], op["weight"], bias, op["in_max"])
+            op["bias"] = bias.astype(np.int32)
+            shifts[op["name"]] = float(np.abs(delta).mean())
+        if kind == "l2norm":  # the corrected part ends at the backbone
+            break
+        step = {"conv": lambda x, op=op: fast.conv(op, x), "avgpool": fast.avgpool}[kind]
+        batches = [step(x) for x in batches]
+    return shifts

@@ -32,7 +32,7 @@ SPARSE_FRACTION = 0.05
 instead of an im2col GEMM: the first conv on a μ = 50 event image (≈ 1 % occupied) costs ≈ 1/30 of the GEMM."""
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _requant1(acc: Any, multiplier: Any, shift: Any, lo: Any, hi: Any) -> Any:  # pragma: no cover - numba
     """The contract's requantisation of one int64 accumulator: sign(p)·((|p| + 2^(s−1)) >> s), p = acc·M, written
     as (p + 2^(s−1) − [p < 0]) >> s with an arithmetic shift (the same value), then saturated to [lo, hi]."""
@@ -41,7 +41,7 @@ def _requant1(acc: Any, multiplier: Any, shift: Any, lo: Any, hi: Any) -> Any:  
     return min(max(y, lo), hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _requantize_flat(acc: Any, multiplier: Any, shift: Any, lo: int, hi: int, out: Any) -> None:  # pragma: no cover
     for i in range(acc.size):
         out[i] = _requant1(acc[i], multiplier[i], shift[i], lo, hi)
@@ -59,7 +59,7 @@ def requantize_fast(acc: NDArray[Any], multiplier: NDArray[Any] | int, shift: ND
     return out.astype(np.int32)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _act1(acc: Any, mult: Any, shift: Any, neg_mult: Any, neg_shift: Any, mode: int, lo: int,
           hi: int) -> Any:  # pragma: no cover - numba
     """One output of a conv: the accumulator (bias included) as is (raw), or requantised by the channel's (M, s)
@@ -71,7 +71,7 @@ def _act1(acc: Any, mult: Any, shift: Any, neg_mult: Any, neg_shift: Any, mode: 
     return _requant1(acc, mult, shift, lo, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _activate(acc: Any, bias: Any, mult: Any, shift: Any, neg_mult: Any, neg_shift: Any, mode: int, lo: int, hi: int,
               out: Any) -> None:  # pragma: no cover - numba
     """acc [N, C, P] (exact integers, float or int) + bias[c] → out [N, C, P] (float32 codes, or int64 raw)."""
@@ -83,7 +83,7 @@ def _activate(acc: Any, bias: Any, mult: Any, shift: Any, neg_mult: Any, neg_shi
                 out[i, ch, j] = _act1(np.int64(acc[i, ch, j]) + b, m, s, nm, ns, mode, lo, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _depthwise3x3(x: Any, taps: Any, bias: Any, mult: Any, shift: Any, neg_mult: Any, neg_shift: Any, mode: int,
                   lo: int, hi: int, circular_phi: bool, out: Any) -> None:  # pragma: no cover - numba
     """Depthwise 3×3 (padding 1: zero rows in η, φ columns wrapped or zero) of x [N, C, H, W] (codes as float32),
@@ -116,7 +116,7 @@ def _depthwise3x3(x: Any, taps: Any, bias: Any, mult: Any, shift: Any, neg_mult:
                     out[i, ch, r, col] = _act1(np.int64(row[col]) + b, m, s, nm, ns, mode, lo, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scatter_conv(first: Any, channel: Any, row: Any, col: Any, code: Any, weight: Any, circular_phi: bool,
                   bias: Any, mult: Any, shift: Any, neg_mult: Any, neg_shift: Any, mode: int, lo: int, hi: int,
                   out: Any) -> None:  # pragma: no cover - numba
@@ -153,7 +153,7 @@ def _scatter_conv(first: Any, channel: Any, row: Any, col: Any, code: Any, weigh
                     out[i, o, y, x] = _act1(np.int64(acc[y, x]) + b, m, s, nm, ns, mode, lo, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _avgpool(x: Any, out: Any) -> None:  # pragma: no cover - numba
     """k2 s2 p1 with the padded zeros counted: out[i, j] = round_half_away(Σ X[2i − 1 + a, 2j − 1 + b] / 4)."""
     n, c, h, w = x.shape

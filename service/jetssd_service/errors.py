@@ -24,12 +24,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 422,           # a field has a wrong type, shape or value (NaN, negative pT, unknown kind, …)
     "unknown_model": 422,           # no such model variant in the repository
     "unknown_backend": 422,         # backend is not triton, local or dsp
+    "unsupported_model": 422,       # the backend cannot run this model (dsp: only models with a DSP program)
     "body_too_large": 413,          # request body over max_body_bytes
     "too_many_events": 413,         # more events than max_events_per_request
     "too_many_candidates": 413,     # an event with more PF candidates / pixels than max_candidates_per_event
     "not_found": 404,
     "method_not_allowed": 405,
-    "not_implemented": 501,         # e.g. the DSP backend before the DSP emulator lands
+    "not_implemented": 501,         # a feature this deployment does not have
     "backend_unavailable": 503,     # Triton unreachable or not ready: retry after Retry-After
     "model_unavailable": 503,       # the backend runs but has not loaded this model
     "backend_error": 502,           # the backend answered with an error

@@ -64,7 +64,8 @@ class Gateway:
                                   max_concurrency=settings.local_max_concurrency,
                                   batch_size=settings.local_batch_size, preload=settings.local_preload),
             "triton": TritonBackend(settings, self.repository),
-            "dsp": DspBackend(),
+            "dsp": DspBackend(self.repository, max_concurrency=settings.dsp_max_concurrency,
+                              batch_size=settings.dsp_batch_size, preload=settings.local_preload),
         }
         if settings.default_model not in self.repository:
             log.warning("default model %r is not in %s (variants: %s)", settings.default_model,
@@ -162,7 +163,7 @@ class Gateway:
                                                                  batch.rasterize_ms, strict=True)
         ]
         return {"backend": backend, "model": model, "model_version": result.model_version,
-                "fallback_from": fallback_from, "events": events}
+                "fallback_from": fallback_from, **(result.extra or {}), "events": events}
 
     # ------------------------------------------------------------------------------------------ models
 

@@ -111,6 +111,17 @@ class EventResult(BaseModel):
         "NMS in the gateway, or unpacking Triton's jets), total (whole request so far)."))
 
 
+class DspLatency(BaseModel):
+    """The SensPro SP1000 latency model of one event (backend dsp only; docs/dsp.md §9): modelled, not measured."""
+
+    cycles: int = Field(description="Cycles of one event on one SP1000 core.")
+    cycles_10_cores: int = Field(description="Cycles of one event on 10 worker cores + a controller core.")
+    latency_ms: dict[str, float] = Field(description='{"1_core": ms, "10_cores": ms} at clock_hz.')
+    paper_ms: dict[str, float] = Field(description="The paper's measured latencies (Table 3), for comparison.")
+    clock_hz: float = Field(description="Assumed core clock.")
+    per: Literal["event"] = Field(description="The numbers are per event, whatever the batch size.")
+
+
 class DetectResponse(BaseModel):
     """What produced the jets, and the jets of every event in request order."""
 
@@ -128,6 +139,7 @@ class DetectResponse(BaseModel):
     fallback_from: BackendName | None = Field(
         None, description="Set when the requested backend was unavailable and the gateway fell back "
                           "(header X-JetSSD-Fallback too).")
+    dsp: DspLatency | None = Field(None, description="Backend dsp: the modelled SP1000 latency of one event.")
     events: list[EventResult]
 
 

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     local_preload: bool = Field(default=True, description="Load every local model at startup (else on first use).")
     local_batch_size: int = Field(default=16, ge=1, description="Events per ONNX Runtime run of the local backend.")
 
+    # --- dsp backend (fixed-point SensPro emulator, docs/dsp.md) ----------------------------------------------
+    dsp_max_concurrency: int = Field(
+        default=1, ge=1, description="DSP emulations at once; more requests wait (each uses one core).")
+    dsp_batch_size: int = Field(
+        default=4, ge=1, description="Events per emulator run (its buffers are reused, ~60 MB per event).")
+
     # --- limits ---------------------------------------------------------------------------------------------
     max_events_per_request: int = Field(default=64, ge=1, description="Events in one request (413 above).")
     max_candidates_per_event: int = Field(

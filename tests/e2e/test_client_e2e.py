@@ -82,6 +82,33 @@ def test_hlt_on_a_few_events(inputs: list[Path], jetssd_service: Any, tmp_path: 
     print(f"hlt closed loop, {summary['requests']} events: p50 {lat['p50']} ms, p99 {lat['p99']} ms")
 
 
+def test_dsp_backend_over_http_with_the_hlt_client(inputs: list[Path], jetssd_service: Any, tmp_path: Path) -> None:
+    """The SensPro emulator behind the real gateway: the client's hlt command on backend dsp, and /v1/detect's
+    jets equal the in-process emulator's to the bit (integer arithmetic, the same rasterizer and decoder)."""
+    from jetssd.dsp.detector import DspDetector
+    from jetssd.rasterize import rasterize_batch
+
+    result = subprocess.run([*CLI, "hlt", str(inputs[0]), "--url", jetssd_service.url, "--events", "2",
+                             "--warmup", "0", "--backend", "dsp", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "hlt_summary.json").read_text())
+    assert summary["backends"] == {"dsp": 2}
+    with open_events(inputs[0]) as f:  # our format: the events carry PF candidates, sent as such
+        pfs = [f[i].pf for i in range(2)]
+    with httpx.Client(base_url=jetssd_service.url, timeout=60) as http:
+        r = http.post("/v1/detect", json={"backend": "dsp", "events": [encode_event(pf, str(i))
+                                                                       for i, pf in enumerate(pfs)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "dsp"
+    assert body["dsp"]["latency_ms"]["1_core"] > body["dsp"]["latency_ms"]["10_cores"] > 0
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    want = DspDetector(repository / "pfjet_ssd_twn").detect(rasterize_batch(pfs))
+    for event, w in zip(body["events"], want, strict=True):
+        assert event["jets"] == w.to_jets()
+
+
 def test_reprocess_jsonl_equals_detect_event_by_event(inputs: list[Path], jetssd_service: Any,
                                                       direct: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     out = tmp_path / "jets.jsonl"

@@ -267,14 +267,15 @@ def test_float_reinterpretation_matches_twn(twn_program: Program, generated_even
             f = fold_factor(bn).detach().double().numpy()
             folded = conv.weight.detach().double().numpy() * f.reshape(-1, 1, 1, 1)
             bias = bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * f
-            deq = op["weight"].astype(np.float64) * op["weight_scale"].reshape(-1, 1, 1, 1)
-            step = op["weight_scale"].reshape(-1, 1, 1, 1)
+            # W[o, c] ≈ w_q[o, c] · acc_scale[o] / in_scale[c] (depthwise: c = o), within half a weight step.
+            acc_step = op["acc_scale"].reshape(-1, 1, 1, 1)
+            in_scale = op["in_scale"].reshape(-1, 1, 1, 1) if op["groups"] > 1 else op["in_scale"].reshape(1, -1, 1, 1)
+            deq = op["weight"].astype(np.float64) * acc_step / in_scale
             if op["weight_format"] == "ternary":
                 np.testing.assert_allclose(deq, folded, rtol=1e-6, atol=1e-12)
             else:
-                assert (np.abs(deq - folded) <= 0.5 * step + 1e-12).all(), name
-            acc_step = op["in_scale"] * op["weight_scale"]
-            assert (np.abs(op["bias"] * acc_step - bias) <= 0.5 * acc_step + 1e-9).all(), name
+                assert (np.abs(deq - folded) <= 0.5 * acc_step / in_scale + 1e-12).all(), name
+            assert (np.abs(op["bias"] * op["acc_scale"] - bias) <= 0.5 * op["acc_scale"] + 1e-9).all(), name
     images = densify_batch(generated_events[4:6])
     with torch.no_grad():
         want = [t.numpy() for t in net(torch.from_numpy(images))]
@@ -308,7 +309,7 @@ def test_dsp_detector_decodes_with_the_twn_metadata(twn_program: Program, genera
     from jetssd.dsp.detector import DspDetector
 
     model_dir = Path(__file__).resolve().parents[2] / "model_repository" / "pfjet_ssd_twn"
-    detector = DspDetector(twn_program.save(tmp_path / "program.npz"), model_dir)
+    detector = DspDetector(model_dir, twn_program.save(tmp_path / "program.npz"))
     (jets,) = detector.detect_pixels(generated_events[4:5])
     assert len(jets.label) == len(jets.score) == len(jets.pt)
     assert (np.diff(jets.score) <= 0).all()  # the shared post-processing: sorted by score

@@ -189,11 +189,36 @@ def test_an_event_without_candidates_has_no_jets_or_a_few(client: TestClient) ->
     assert all(j["score"] < 0.5 for j in body["events"][0]["jets"])
 
 
-def test_dsp_answers_501(client: TestClient, events: list[PFCandidates]) -> None:
-    r = client.post("/v1/detect", json={"backend": "dsp", "events": [pf_event(events[0], "a")]})
-    assert r.status_code == 501
-    assert r.json()["error"]["code"] == "not_implemented"
-    assert r.json()["error"]["field"] == "backend"
+def test_dsp_backend_runs_the_emulator_with_its_latency_model(client: TestClient,
+                                                              events: list[PFCandidates]) -> None:
+    from jetssd.dsp.detector import DspDetector
+
+    body = detect(client, [pf_event(pf, f"ev{i}") for i, pf in enumerate(events)], backend="dsp")
+    assert body["backend"] == "dsp"
+    assert body["model"] == "twn"
+    detector = DspDetector(REPOSITORY / "pfjet_ssd_twn")
+    assert body["model_version"] == detector.version
+    dsp = body["dsp"]
+    assert dsp["per"] == "event"
+    assert dsp["cycles"] > dsp["cycles_10_cores"] > 0
+    assert dsp["latency_ms"]["1_core"] > dsp["latency_ms"]["10_cores"] > 0
+    assert dsp["latency_ms"]["1_core"] == pytest.approx(dsp["cycles"] / dsp["clock_hz"] * 1e3)
+    assert dsp["paper_ms"] == {"1_core": 8.5, "10_cores": 0.9}
+    # Integer emulation: the batch size cannot move a bit, so one reference batch of all events is exact.
+    want = detector.detect(rasterize_batch(events))
+    assert sum(len(w) for w in want) > 0
+    for event, w in zip(body["events"], want, strict=True):
+        assert_same_jets(as_detections(event["jets"]), w)
+    local = detect(client, [pf_event(events[0], "a")], backend="local")
+    assert local.get("dsp") is None  # the latency model belongs to dsp answers only
+
+
+def test_dsp_backend_refuses_a_model_without_a_program(client: TestClient, events: list[PFCandidates]) -> None:
+    r = client.post("/v1/detect", json={"backend": "dsp", "model": "fpn", "events": [pf_event(events[0], "a")]})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("unsupported_model", "model")
+    assert "twn" in error["message"]  # says which models the dsp backend serves
 
 
 @pytest.mark.parametrize(("params", "code", "field"), [
@@ -255,7 +280,7 @@ def test_models_lists_variants_versions_and_backends(client: TestClient, detecto
                                        if p.name.isdigit())
         assert m["backends"]["local"] == {"available": True, "detail": None}
         assert m["backends"]["triton"]["available"] is False
-        assert m["backends"]["dsp"]["available"] is False
+        assert m["backends"]["dsp"]["available"] is (name == "twn")  # the one model with a DSP program
         assert set(m["metrics"]["ap"]) == {"reference", "voc", "coco"}
 
 

@@ -7,12 +7,13 @@ the variant's own post-processing; the gateway does the rest (validation, raster
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from jetssd.postprocess import Detections
+from jetssd.anchors import AnchorConfig
+from jetssd.postprocess import Detections, PostprocessConfig
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,35 @@ class BatchResult:
         model_version: the version of the model that ran.
         infer_ms: the model (for Triton: the whole ensemble round trip, post-processing included).
         postprocess_ms: decode + NMS in the gateway (local), or unpacking the server's jets (Triton).
+        extra: backend-specific top-level response fields, e.g. ``{"dsp": {...}}`` (modelled DSP latency).
     """
 
     detections: list[Detections]
     model_version: int
     infer_ms: float
     postprocess_ms: float
+    extra: dict[str, Any] | None = None
+
+
+class ImageDetector(Protocol):
+    """An in-process model executor (``jetssd.inference.OnnxDetector``, ``jetssd.dsp.detector.DspDetector``):
+    raw head outputs of a batch plus what the shared post-processing needs to decode them."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def anchors(self) -> NDArray[np.float64]: ...
+
+    @property
+    def anchor_config(self) -> AnchorConfig: ...
+
+    @property
+    def postprocess_config(self) -> PostprocessConfig: ...
+
+    def run(self, images: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32],
+                                                         NDArray[np.float32]]:
+        """(loc [N, P, 2], cls_logits [N, P, 4], reg [N, P, 1]) of images [N, 3, 340, 360] (GeV)."""
 
 
 @dataclass(frozen=True)

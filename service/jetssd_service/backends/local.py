@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 import anyio
 import numpy as np
@@ -19,9 +20,9 @@ from numpy.typing import NDArray
 
 from jetssd.inference import OnnxDetector
 from jetssd.postprocess import Detections, postprocess
-from jetssd_service.backends.base import BackendStatus, BatchResult
+from jetssd_service.backends.base import BackendStatus, BatchResult, ImageDetector
 from jetssd_service.errors import ApiError
-from jetssd_service.repository import ModelRepository
+from jetssd_service.repository import ModelEntry, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +48,44 @@ class LocalBackend:
         self._preload = preload
         self._max_concurrency = max_concurrency
         self._limiter: asyncio.Semaphore | None = None
-        self._detectors: dict[str, OnnxDetector] = {}
+        self._detectors: dict[str, ImageDetector] = {}
         self._load_lock = threading.Lock()
 
     async def start(self) -> None:
+        await self.start_variants(self._repository.variants)
+
+    async def start_variants(self, variants: list[str]) -> None:
+        """Create the concurrency limiter and, with ``preload``, load ``variants``."""
         self._limiter = asyncio.Semaphore(self._max_concurrency)
         if self._preload:
-            for variant in self._repository.variants:
+            for variant in variants:
                 try:
                     await anyio.to_thread.run_sync(self._detector, variant)
                 except ApiError as exc:  # reported by status() too; the other variants still load
-                    log.error("local backend: %s", exc.message)
+                    log.error("%s backend: %s", self.name, exc.message)
 
     async def close(self) -> None:
         self._detectors.clear()
 
-    def _detector(self, variant: str) -> OnnxDetector:
+    def _load(self, entry: ModelEntry) -> ImageDetector:
+        """The detector of a repository entry (subclasses run other executors on the same models)."""
+        return OnnxDetector(entry.version_dir, threads=self._threads)
+
+    def _detector(self, variant: str) -> ImageDetector:
         """The variant's detector, loaded on first use (thread-safe)."""
         detector = self._detectors.get(variant)
         if detector is not None:
             return detector
         with self._load_lock:
             if variant not in self._detectors:
-                entry = self._repository[variant]
                 try:
-                    self._detectors[variant] = OnnxDetector(entry.version_dir, threads=self._threads)
-                except Exception as exc:  # missing file, bad metadata, or ONNX Runtime refusing the graph
-                    raise ApiError("model_unavailable", f"local backend cannot load model {variant!r}: {exc}",
+                    self._detectors[variant] = self._load(self._repository[variant])
+                except ApiError:
+                    raise
+                except Exception as exc:  # missing file, bad metadata, or the runtime refusing the model
+                    raise ApiError("model_unavailable", f"{self.name} backend cannot load model {variant!r}: {exc}",
                                    field="model") from exc
-                log.info("local backend: loaded %r", self._detectors[variant])
+                log.info("%s backend: loaded %r", self.name, self._detectors[variant])
             return self._detectors[variant]
 
     async def status(self, variant: str) -> BackendStatus:
@@ -89,12 +99,12 @@ class LocalBackend:
 
     async def detect(self, variant: str, images: NDArray[np.float32]) -> BatchResult:
         if self._limiter is None:
-            raise RuntimeError("LocalBackend.start() was not called")
+            raise RuntimeError(f"{type(self).__name__}.start() was not called")
         async with self._limiter:
             return await anyio.to_thread.run_sync(self._detect_sync, variant, images)
 
     def _detect_sync(self, variant: str, images: NDArray[np.float32]) -> BatchResult:
-        """OnnxDetector.run then the shared post-processing, as OnnxDetector.detect, timing the two apart."""
+        """The detector's run then the shared post-processing, as its detect does, timing the two apart."""
         detector = self._detector(variant)
         detections: list[Detections] = []
         infer_s = post_s = 0.0
@@ -106,4 +116,9 @@ class LocalBackend:
                                           detector.postprocess_config))
             post_s += time.perf_counter() - t1
             infer_s += t1 - t0
-        return BatchResult(detections, detector.version, 1e3 * infer_s, 1e3 * post_s)
+        return BatchResult(detections, detector.version, 1e3 * infer_s, 1e3 * post_s,
+                           self._extra(detector, len(images)))
+
+    def _extra(self, detector: ImageDetector, n_events: int) -> dict[str, Any] | None:
+        """Backend-specific response fields for a batch (:attr:`BatchResult.extra`); none here."""
+        return None
