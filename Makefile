@@ -51,6 +51,7 @@ bench: $(STAMP)  ## Benchmarks (rasterizer, post-processing, generator, model in
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_triton.py
 	$(PY) benchmarks/bench_reprocess.py
+	$(PY) benchmarks/bench_deploy.py
 
 clean:  ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
