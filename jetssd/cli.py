@@ -478,7 +478,7 @@ def dsp_compile(
                         "to <version>/dsp/.")] = Path("model_repository/pfjet_ssd_twn"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Program file to write instead "
                                                                  "(default: <model version>/dsp/program.npz).")] = None,
-    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 64,
+    events: Annotated[int, typer.Option(help="Calibration events, taken evenly from the files.")] = 200,
     percentile: Annotated[float, typer.Option(help="Activation range per channel = this percentile of |x| "
                                                    "(100 = max).")] = DEFAULT_PERCENTILE,
 ) -> None:
@@ -501,11 +501,76 @@ def dsp_compile(
                 pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
         program = compile_twn(checkpoint, pixels, percentile=percentile)
         program.metadata["calibration"]["sources"] = [str(p) for p in calibration]
+        # Provenance: the generator settings (seed, pile-up) of the calibration files, where they were generated.
+        program.metadata["calibration"]["generation"] = {
+            str(p): json.loads((p.parent / "generation.json").read_text()).get("settings")
+            for p in calibration if (p.parent / "generation.json").is_file()}
         program.save(out)
     except (ValueError, FileNotFoundError, DatasetFormatError) as exc:
         raise _fail(str(exc)) from None
     n_ops = len(program.ops)
     console.print(f"wrote {out}: {n_ops} ops, calibrated on {len(pixels)} events", soft_wrap=True)
+
+
+@dsp_app.command("compare")
+def dsp_compare(
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Event files with truth (not the calibration "
+                                                                  "events); repeatable.")],
+    model: Annotated[Path, typer.Option("--model", help="The float TWN model; its newest version's "
+                                                        "dsp/program.npz is the program.")] = Path(
+        "model_repository/pfjet_ssd_twn"),
+    max_events: Annotated[int, typer.Option(help="Events per file (0 = all).")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON here.")] = None,
+) -> None:
+    """Float TWN (ONNX Runtime, 1 thread) vs its DSP emulation on the same events: AP of both (one matcher),
+    the fraction of events with identical confident jets, and the time each took."""
+    import time
+
+    from jetssd.dsp.compare import agreement
+    from jetssd.dsp.detector import DspDetector
+    from jetssd.evaluate.matching import collect
+    from jetssd.evaluate.metrics import summarize
+    from jetssd.inference import OnnxDetector
+    from jetssd.io import DatasetFormatError, open_events
+
+    try:
+        dsp = DspDetector(model)
+        float_model = OnnxDetector(model, threads=1)
+        events = []
+        for path in data:
+            with open_events(path) as f:
+                for chunk in f.iter_chunks(stop=max_events or None):
+                    events.extend(chunk)
+    except (ValueError, FileNotFoundError, DatasetFormatError) as exc:
+        raise _fail(str(exc)) from None
+    pixels = [e.pixels for e in events]
+    seconds: dict[str, float] = {}
+    detections = {}
+    for name, detector in (("float", float_model), ("dsp", dsp)):
+        t0 = time.perf_counter()
+        with console.status(f"{name}: {len(pixels)} events"):
+            detections[name] = detector.detect_pixels(pixels, batch_size=4)
+        seconds[name] = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "model": str(dsp.version_dir), "program": str(dsp.program_file), "events": len(events),
+        "data": [str(p) for p in data],
+        "ap": {name: summarize(collect((e.truth, d) for e, d in zip(events, dets, strict=True)))
+               for name, dets in detections.items()},
+        "agreement": agreement(detections["float"], detections["dsp"]).to_dict(),
+        "seconds": seconds, "throughput_ratio_dsp_over_float": seconds["float"] / seconds["dsp"],
+        "latency_model": {k: dsp.latency[k] for k in ("cycles", "cycles_10_cores", "latency_ms", "paper_ms")},
+    }
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    ap = {name: r["ap"]["voc"] for name, r in result["ap"].items()}
+    console.print(f"{len(events)} events: AP (VOC) float {ap['float']:.4f}, dsp {ap['dsp']:.4f} "
+                  f"(Δ {ap['dsp'] - ap['float']:+.4f}); identical confident jets in "
+                  f"{100 * result['agreement']['identical_fraction']:.1f} % of events; dsp/float throughput "
+                  f"{result['throughput_ratio_dsp_over_float']:.2f}×", soft_wrap=True)
+    if out is None:
+        print(text)
 
 
 def main() -> None:

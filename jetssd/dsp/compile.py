@@ -346,6 +346,7 @@ def correct_biases(program: Program, images: NDArray[np.float32], float_means: d
             bias = op["bias"].astype(np.int64) - delta
             op["acc_bound"] = _acc_bound(op["name"], op["weight"], bias, op["in_max"])
             op["bias"] = bias.astype(np.int32)
+            op["bias_correction"] = (-delta).astype(np.int32)  # kept for checks: bias − this = the folded bias
             shifts[op["name"]] = float(np.abs(delta).mean())
         if kind == "l2norm":  # the corrected part ends at the backbone
             break

@@ -275,7 +275,9 @@ def test_float_reinterpretation_matches_twn(twn_program: Program, generated_even
                 np.testing.assert_allclose(deq, folded, rtol=1e-6, atol=1e-12)
             else:
                 assert (np.abs(deq - folded) <= 0.5 * acc_step / in_scale + 1e-12).all(), name
-            assert (np.abs(op["bias"] * op["acc_scale"] - bias) <= 0.5 * op["acc_scale"] + 1e-9).all(), name
+            # The bias is the folded BN bias on the accumulator grid, plus the recorded bias correction (§5).
+            folded_bias = op["bias"] - op.get("bias_correction", 0)
+            assert (np.abs(folded_bias * op["acc_scale"] - bias) <= 0.5 * op["acc_scale"] + 1e-9).all(), name
     images = densify_batch(generated_events[4:6])
     with torch.no_grad():
         want = [t.numpy() for t in net(torch.from_numpy(images))]
@@ -286,6 +288,32 @@ def test_float_reinterpretation_matches_twn(twn_program: Program, generated_even
         assert err <= 0.5, (name, err)  # the stated bound: docs/dsp.md §7 (post-training int8, no QAT)
     prob = [np.exp(z) / np.exp(z).sum(-1, keepdims=True) for z in (want[1], got[1])]
     assert float(np.abs(prob[0] - prob[1]).mean()) <= 0.03
+
+
+def test_bias_correction_matches_the_float_mean_of_the_first_layer(twn_program: Program,
+                                                                   generated_events: list[Any]) -> None:
+    """After the correction, the first conv's mean pre-activation per channel over the calibration events equals the
+    float network's to half an accumulator step (its input, the quantised image, is the same for both)."""
+    import torch
+
+    from jetssd.dsp.compile import load_twn
+    from jetssd.rasterize import densify_batch
+
+    images = densify_batch(generated_events[:4])  # the fixture's calibration events
+    net, _, _ = load_twn(SHIPPED_TWN)
+    seen: list[torch.Tensor] = []
+    net.backbone[0].bn.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().double()))
+    with torch.no_grad():
+        net(torch.from_numpy(images))
+    float_mean = seen[0].mean(dim=(0, 2, 3)).numpy()  # the BN output: the pre-activation
+    op = twn_program.ops[1]
+    assert op["name"] == "backbone.0"
+    assert np.abs(op["bias_correction"]).max() > 0  # the correction did move some biases
+    acc = fast.conv({**op, "activation": "raw"}, fast.quantize_input(twn_program.ops[0], images))
+    emulated_mean = acc.mean(axis=(0, 2, 3)) * op["acc_scale"]
+    assert (np.abs(emulated_mean - float_mean) <= 0.5 * op["acc_scale"] + 1e-9).all()
+    shifts = twn_program.metadata["calibration"]["bias_correction"]
+    assert set(shifts) == {o["name"] for o in twn_program.ops if o["kind"] == "conv" and o["name"] != "head1"}
 
 
 def test_latency_model_counts_the_graph_macs(twn_program: Program) -> None:
@@ -323,3 +351,74 @@ def test_non_finite_input_is_refused(tmp_path: Path) -> None:
         fast.run(program, image)
     with pytest.raises(ValueError, match="non-finite"):
         reference.run(program, image[0])
+
+
+# ------------------------------------------------------------------------------------------ agreement
+
+
+def _jets(*rows: tuple[int, float, float, float, float]) -> Any:
+    from jetssd.postprocess import Detections
+
+    label, score, eta, phi, pt = (np.array(c) for c in zip(*rows, strict=True)) if rows else ([],) * 5
+    return Detections(label=np.asarray(label, np.int8), score=np.asarray(score, np.float32),
+                      eta=np.asarray(eta, np.float32), phi=np.asarray(phi, np.float32), pt=np.asarray(pt, np.float32))
+
+
+def test_agreement_by_hand() -> None:
+    from jetssd.dsp.compare import agreement
+
+    ref = [
+        _jets((0, 0.9, 0.5, 3.13, 600.0), (1, 0.8, -1.0, 0.0, 400.0), (2, 0.3, 0.0, 1.0, 300.0)),
+        _jets((0, 0.9, 0.5, 1.0, 600.0)),
+        _jets((0, 0.9, 0.5, 1.0, 600.0)),
+        _jets((0, 0.9, 0.5, 1.0, 600.0)),
+        _jets(),
+    ]
+    other = [
+        # same jets, listed in another order, the first across the φ seam (ΔR 0.0132); the score-0.3 jet is ignored
+        _jets((1, 0.85, -1.0, 0.01, 404.0), (0, 0.7, 0.5, -3.14, 610.0)),
+        _jets((1, 0.9, 0.5, 1.0, 600.0)),  # class changed
+        _jets((0, 0.9, 0.5, 1.0, 680.0)),  # pT 13 % off
+        _jets((0, 0.9, 0.5, 1.0, 600.0), (2, 0.6, 0.0, -2.0, 300.0)),  # an extra confident jet
+        _jets((2, 0.4, 0.0, 0.0, 100.0)),  # only a low-score jet
+    ]
+    result = agreement(ref, other)
+    assert result.events == 5
+    assert result.identical == pytest.approx(2 / 5)  # events 0 and 4
+    assert result.same_classes == pytest.approx(3 / 5)  # events 0, 2 and 4
+    # pairs: event 0 (ΔR 2π − 6.27 = 0.0132, and 0.01), event 2 (0), event 3 (0); pT: 10/600, 4/400, 80/600, 0
+    assert result.mean_abs_dr == pytest.approx((2 * np.pi - 6.27 + 0.01) / 4, abs=1e-6)
+    assert result.mean_abs_pt_rel == pytest.approx((10 / 600 + 4 / 400 + 80 / 600) / 4, rel=1e-4)
+    with pytest.raises(ValueError, match="4 others"):
+        agreement(ref, other[:4])
+
+
+def test_dsp_compare_cli_on_generated_events(generated_event_dir: Path, tmp_path: Path) -> None:
+    """`jetssd dsp compare` on the shipped TWN and its committed program: AP of both from one matcher, the
+    agreement, the latency model; and a clear error for a model without a program."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jetssd.cli import app
+
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    files = sorted(generated_event_dir.glob("*.h5"))
+    out = tmp_path / "compare.json"
+    args = ["dsp", "compare", "--model", str(repository / "pfjet_ssd_twn"), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *(a for f in files for a in ("--data", str(f)))])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["events"] == 6
+    assert set(report["ap"]) == {"float", "dsp"}
+    for summary in report["ap"].values():
+        assert summary["events"] == 6
+        assert 0.0 <= summary["ap"]["voc"] <= 1.0
+    assert 0.0 <= report["agreement"]["identical_fraction"] <= report["agreement"]["same_classes_fraction"] <= 1.0
+    assert report["latency_model"]["paper_ms"] == {"1_core": 8.5, "10_cores": 0.9}
+    assert report["throughput_ratio_dsp_over_float"] > 0
+    assert "AP (VOC) float" in result.output
+    missing = CliRunner().invoke(app, ["dsp", "compare", "--model", str(repository / "pfjet_ssd_fpn"),
+                                       "--data", str(files[0])])
+    assert missing.exit_code != 0
+    assert "no DSP program" in missing.output
