@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from jetssd.dsp.detector import DspDetector, program_path
 from jetssd_service.backends.base import BackendStatus, ImageDetector
 from jetssd_service.backends.local import LocalBackend
@@ -46,7 +48,12 @@ class DspBackend(LocalBackend):
             raise ApiError("unsupported_model", f"model {entry.variant!r} (version {entry.version}) has no compiled "
                            f"DSP program ({program_path(entry.version_dir)}); the dsp backend serves "
                            f"{self.served_variants() or 'no model'}", field="model")
-        return DspDetector(entry.version_dir)
+        detector = DspDetector(entry.version_dir)
+        # One empty event through the emulator: numba compiles (or loads from its cache) the kernels now, at
+        # load time, instead of inside the first request's latency (seconds on a fresh install).
+        height, width = detector.program.metadata.get("image_shape", (340, 360))
+        detector.run(np.zeros((1, 3, height, width), np.float32))
+        return detector
 
     def served_variants(self) -> list[str]:
         """Variants whose newest version has a DSP program."""
