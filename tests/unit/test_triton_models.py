@@ -285,7 +285,8 @@ def parse_config(text: str) -> Any:
 
 @pytest.fixture
 def exported_copy(tmp_path: Path) -> Path:
-    """The committed repository's exported files only (model.onnx + metadata.json per version)."""
+    """The committed repository's exported files only: model.onnx + metadata.json per version, and the DSP program
+    compiled for a version (``dsp/program.npz``, written by `jetssd dsp compile`, not by the config writer)."""
     repo = tmp_path / "repo"
     for variant in VARIANTS:
         for version_dir in sorted((REPOSITORY / f"pfjet_ssd_{variant}").iterdir()):
@@ -294,6 +295,8 @@ def exported_copy(tmp_path: Path) -> Path:
                 target.mkdir(parents=True)
                 for name in ("model.onnx", "metadata.json"):
                     shutil.copy2(version_dir / name, target / name)
+                if (version_dir / "dsp").is_dir():
+                    shutil.copytree(version_dir / "dsp", target / "dsp")
     return repo
 
 
