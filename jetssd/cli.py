@@ -27,6 +27,18 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _calibration_pixels(files: list[Path], events: int) -> list[Any]:
+    """The first ``events // len(files)`` (at least 1) events' pixels of each calibration file, in order."""
+    from jetssd.io import open_events
+
+    per_file = max(1, events // max(1, len(files)))
+    pixels: list[Any] = []
+    for path in files:
+        with open_events(path) as f:
+            pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+    return pixels
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
@@ -389,7 +401,7 @@ def quantize(
     the int8 graph, which is checked against the QAT network (metadata quantization.method = "qat").
     (TWN is trained: `jetssd train --set compress.twn=true`.)
     """
-    from jetssd.io import DatasetFormatError, open_events
+    from jetssd.io import DatasetFormatError
     from jetssd.quantize.int8 import PARITY_EVENTS, quantize_model
 
     if (model is None) == (qat is None):
@@ -400,12 +412,8 @@ def quantize(
     if method not in ("minmax", "entropy", "percentile"):
         raise _fail(f"--method: {method!r} is not minmax, entropy or percentile")
     wanted = events if qat is None else min(events, PARITY_EVENTS)
-    per_file = max(1, wanted // max(1, len(calibration)))
-    pixels: list[Any] = []
     try:
-        for path in calibration:
-            with open_events(path) as f:
-                pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+        pixels = _calibration_pixels(calibration, wanted)
         recorded = json.loads(metrics.read_text()) if metrics is not None else None
         sources = [str(p) for p in calibration]
         if qat is not None:
@@ -486,19 +494,15 @@ def dsp_compile(
     elsewhere, int8 activations with per-channel calibrated scales, integer multipliers and shifts."""
     from jetssd.dsp.compile import compile_twn
     from jetssd.dsp.detector import program_path
-    from jetssd.io import DatasetFormatError, open_events
+    from jetssd.io import DatasetFormatError
 
     try:
         out = out or program_path(model)
     except FileNotFoundError as exc:
         raise _fail(f"--model: {exc}") from None
 
-    per_file = max(1, events // max(1, len(calibration)))
-    pixels: list[Any] = []
     try:
-        for path in calibration:
-            with open_events(path) as f:
-                pixels.extend(f.read_pixels(i) for i in range(min(per_file, len(f))))
+        pixels = _calibration_pixels(calibration, events)
         program = compile_twn(checkpoint, pixels, percentile=percentile)
         program.metadata["calibration"]["sources"] = [str(p) for p in calibration]
         # Provenance: the generator settings (seed, pile-up) of the calibration files, where they were generated.
