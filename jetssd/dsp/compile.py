@@ -188,7 +188,6 @@ def _conv_op(name: str, weight_real: NDArray[np.float64], bias_real: NDArray[np.
         "c_in": int(weight_real.shape[1] * groups), "c_out": int(c_out), "weight_format": fmt,
         "weight": w_q, "bias": bias_q.astype(np.int32), "acc_scale": acc_scale.astype(np.float64),
         "in_scale": s_in.astype(np.float64).copy(), "activation": activation, "acc_bound": worst, "in_max": in_max,
-        "acc_bound_k127": int(weight_real[0].size * 127 * in_max),
     }
     if s_out is None:
         op["activation"] = "raw"
