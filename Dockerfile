@@ -23,7 +23,7 @@ COPY client ./client
 # directory is not writable for the non-root user and there is no home directory, so the cache goes to /tmp.
 # nvidia-pytriton (a dependency of the service for `jetssd-service triton`) ships the Triton binary: 145 MB this
 # container never runs. The check fails the build if torch slipped in.
-RUN pip install --no-cache-dir "/src[inference]" /src/service /src/client \
+RUN pip install --no-cache-dir "/src[inference,dsp]" /src/service /src/client \
     && pip uninstall --yes nvidia-pytriton \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
     && python -c "import jetssd_service.app, jetssd_client, onnxruntime"
