@@ -7,7 +7,7 @@ version's anchors. Only variants with a compiled program can run here (today: tw
 ``unsupported_model``. Every response carries the SP1000 latency model of one event::
 
     "dsp": {"cycles": …, "cycles_10_cores": …, "latency_ms": {"1_core": …, "10_cores": …},
-            "paper_ms": {"1_core": 8.5, "10_cores": 0.9}, "clock_hz": 1e9}
+            "paper_ms": {"1_core": 8.5, "10_cores": 0.9}, "clock_hz": 1e9, "per": "event"}
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DspBackend(LocalBackend):
             return BackendStatus(False, f"model {variant!r} has no compiled DSP program")
         return await super().status(variant)
 
-    def _extra(self, detector: ImageDetector, n_events: int) -> dict[str, Any] | None:
+    def _extra(self, detector: ImageDetector) -> dict[str, Any] | None:
         assert isinstance(detector, DspDetector)
         latency = detector.latency
         return {"dsp": {"cycles": latency["cycles"], "cycles_10_cores": latency["cycles_10_cores"],

@@ -116,9 +116,8 @@ class LocalBackend:
                                           detector.postprocess_config))
             post_s += time.perf_counter() - t1
             infer_s += t1 - t0
-        return BatchResult(detections, detector.version, 1e3 * infer_s, 1e3 * post_s,
-                           self._extra(detector, len(images)))
+        return BatchResult(detections, detector.version, 1e3 * infer_s, 1e3 * post_s, self._extra(detector))
 
-    def _extra(self, detector: ImageDetector, n_events: int) -> dict[str, Any] | None:
+    def _extra(self, detector: ImageDetector) -> dict[str, Any] | None:
         """Backend-specific response fields for a batch (:attr:`BatchResult.extra`); none here."""
         return None
