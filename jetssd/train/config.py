@@ -164,6 +164,10 @@ class RunConfig:
     init_anchors: str = "checkpoint"
     """With ``init``: take [anchors] from the checkpoint ("checkpoint", the default) or from this config
     ("config": fine-tune onto another anchor layout; the heads keep their shapes, one anchor per cell)."""
+    init_phi_padding: str = "checkpoint"
+    """With ``init``: take ``model.circular_phi`` from the checkpoint ("checkpoint", the default) or from this
+    config ("config"). Padding has no parameters, so the same weights load either way; this is how the
+    circular-vs-zero φ padding comparison fine-tunes one starting point both ways."""
 
 
 @dataclass(frozen=True)

@@ -359,8 +359,14 @@ def train(config: TrainConfig, resume: bool = False,
         anchors_from = config.run.init_anchors
         if anchors_from not in ("checkpoint", "config"):
             raise ValueError(f"run.init_anchors must be 'checkpoint' or 'config', got {anchors_from!r}")
+        padding_from = config.run.init_phi_padding
+        if padding_from not in ("checkpoint", "config"):
+            raise ValueError(f"run.init_phi_padding must be 'checkpoint' or 'config', got {padding_from!r}")
         init_anchors = AnchorConfig.from_dict(init_config.get("anchors", {}))
-        config = dataclasses.replace(config, model=NetConfig.from_dict(init_config["model"]),
+        init_model = NetConfig.from_dict(init_config["model"])
+        if padding_from == "config":
+            init_model = dataclasses.replace(init_model, circular_phi=config.model.circular_phi)
+        config = dataclasses.replace(config, model=init_model,
                                      anchors=init_anchors if anchors_from == "checkpoint" else config.anchors)
     out = Path(config.run.out)
     if rank == 0:

@@ -331,6 +331,18 @@ def test_fine_tuning_a_shipped_legacy_checkpoint_keeps_its_anchor_layout(event_f
     with pytest.raises(ValueError, match="init_anchors"):
         train(cfg.with_overrides(['run.init_anchors="both"', f'run.out="{tmp_path / "bad"}"']))
 
+    # run.init_phi_padding="config" takes model.circular_phi from this config (the φ-padding A/B): the same
+    # weights load into a zero-padded network, which is what gets trained and saved.
+    assert json.loads(load_checkpoint(shipped)["config"])["model"]["circular_phi"] is True
+    zero = cfg.with_overrides(['run.init_phi_padding="config"', "model.circular_phi=false",
+                               f'run.out="{tmp_path / "zero"}"'])
+    train(zero)
+    saved = load_checkpoint(tmp_path / "zero" / "last.pt")
+    assert json.loads(saved["config"])["model"]["circular_phi"] is False
+    assert set(saved["model"]) == set(load_checkpoint(shipped)["model"])
+    with pytest.raises(ValueError, match="init_phi_padding"):
+        train(cfg.with_overrides(['run.init_phi_padding="zeros"', f'run.out="{tmp_path / "bad2"}"']))
+
 
 # --------------------------------------------------------------------------------------------------
 # Training on random crops
