@@ -39,6 +39,10 @@ REFERENCE_TOLERANCE = 0.01
 """A recall point r is reachable in the reference if the maximum recall is ≥ r − 0.01."""
 
 
+SEAM_WINDOW = 0.8
+"""Half-width (rad) of the band around the image's φ = ±π edge scored by :func:`seam_sample`: an AK8 jet
+(R = 0.8) whose axis is in it reaches across the edge, where circular and zero padding differ."""
+
 FloatArray = NDArray[np.float64]
 
 
@@ -211,6 +215,22 @@ def class_sample(records: DetectionRecords, cls: int | None = None) -> tuple[Flo
     return records.pred_score[sel], records.pred_tp[sel], int(np.sum(records.truth_cls == cls))
 
 
+def seam_sample(records: DetectionRecords,
+                window: float = SEAM_WINDOW) -> tuple[FloatArray, NDArray[np.bool_], int]:
+    """``(scores, tp, n_truth)`` pooled over classes, restricted to the band π − |φ| < ``window`` (rad).
+
+    A truth is in the band by its own φ; a true positive by the φ of the truth it matched (so a detection
+    reported just outside the band still counts for a truth inside), a false positive by its own φ. This is
+    the sample where the image's φ edge matters (COCO does the same for its object-size ranges).
+    """
+    def near(phi: FloatArray) -> NDArray[np.bool_]:
+        return cast(NDArray[np.bool_], math.pi - np.abs(geometry.wrap_phi(phi)) < window)
+
+    tp = records.pred_tp
+    pred_in = np.where(tp, near(records.pred_truth_phi), near(records.pred_phi)) if len(tp) else tp
+    return records.pred_score[pred_in], tp[pred_in], int(np.count_nonzero(near(records.truth_phi)))
+
+
 def average_precisions(scores: ArrayLike, tp: ArrayLike, n_truth: int) -> dict[str, float]:
     """``{"reference", "voc", "coco"}`` AP of one sample (NaN if n_truth = 0)."""
     p, r, _ = precision_recall(scores, tp, n_truth)
@@ -231,7 +251,8 @@ def summarize(records: DetectionRecords) -> dict[str, Any]:
         {"events": N, "max_dr": float | None, "n_truth": int, "n_pred": int,
          "ap": {"reference", "voc", "coco"},                 # pooled over classes
          "per_class": {"t" | "V" | "H": {"ap_reference", "ap_voc", "ap_coco",
-                                        "p_at_r30", "p_at_r50", "n_truth", "n_pred"}}}
+                                        "p_at_r30", "p_at_r50", "n_truth", "n_pred"}},
+         "seam": {"window_rad", "n_truth", "n_pred", "ap_voc", "ap_coco"}}  # jets near φ = ±π, pooled
     """
     pooled = average_precisions(*class_sample(records))
     per_class: dict[str, dict[str, float | int | None]] = {}
@@ -255,7 +276,16 @@ def summarize(records: DetectionRecords) -> dict[str, Any]:
         "n_pred": records.n_pred,
         "ap": {k: _json_float(v) for k, v in pooled.items()},
         "per_class": per_class,
+        "seam": _seam_summary(records),
     }
+
+
+def _seam_summary(records: DetectionRecords, window: float = SEAM_WINDOW) -> dict[str, float | int | None]:
+    """Pooled AP of the jets near the image's φ edge (:func:`seam_sample`), for the φ-padding comparison."""
+    scores, tp, n_truth = seam_sample(records, window)
+    ap = average_precisions(scores, tp, n_truth)
+    return {"window_rad": window, "n_truth": n_truth, "n_pred": len(scores),
+            "ap_voc": _json_float(ap["voc"]), "ap_coco": _json_float(ap["coco"])}
 
 
 def fake_rate(records_or_preds: DetectionRecords | Iterable[JetsLike] | ArrayLike, events: int | None = None,

@@ -31,7 +31,7 @@ from jetssd.evaluate import (
     precision_recall_reference,
     summarize,
 )
-from jetssd.evaluate.metrics import binned_mean_std, binned_precision_at_recall, residuals
+from jetssd.evaluate.metrics import binned_mean_std, binned_precision_at_recall, residuals, seam_sample
 from jetssd.event import BaselineJets, TruthObjects
 
 
@@ -461,6 +461,27 @@ def test_summarize_json_round_trip() -> None:
     assert h["n_pred"] == 1
     # Pooled: scores 0.9 (TP), 0.6, 0.3 (FP), 2 truths: VOC = 1/2 · 1 = 0.5.
     assert s["ap"]["voc"] == 0.5
+
+
+def test_seam_sample_keeps_the_jets_near_the_phi_edge() -> None:
+    rec = collect([
+        # A top at φ = 3.0 (in the 0.8 band) found across the edge at −3.1 by 0.9 → TP in the band.
+        # A V at φ = 2.5 (in) found at φ = 2.2 (outside the band, ΔR 0.3) by 0.7 → counted by its truth: in.
+        # An H at φ = 0.0 (out) found by 0.8 → out; a fake top at φ = −2.6 (in) by 0.95 → FP in the band.
+        (truth([0, 1, 2], [0.0, 0.0, 0.0], [3.0, 2.5, 0.0]),
+         preds([0, 1, 2, 0], [0.9, 0.7, 0.8, 0.95], [0.0, 0.0, 0.0, 1.0], [-3.1, 2.2, 0.0, -2.6])),
+        # A missed top at φ = −2.5 (in the band).
+        (truth([0], [0.5], [-2.5]), preds([], [], [], [])),
+    ])
+    scores, tp, n_truth = seam_sample(rec)
+    assert n_truth == 3
+    assert sorted(zip(scores.tolist(), tp.tolist(), strict=True)) == [(0.7, True), (0.9, True), (0.95, False)]
+    # Sorted by score: FP (P 0), TP (1/2, R 1/3), TP (2/3, R 2/3) → VOC = 2/3 · 2/3.
+    seam = summarize(rec)["seam"]
+    assert (seam["n_truth"], seam["n_pred"], seam["window_rad"]) == (3, 3, 0.8)
+    assert seam["ap_voc"] == pytest.approx(4 / 9)
+    assert seam_sample(rec, window=0.1)[2] == 0  # no truth within 0.1 of the edge
+    assert summarize(DetectionRecords())["seam"]["ap_voc"] is None
 
 
 def test_summarize_empty_records() -> None:
