@@ -224,7 +224,7 @@ def seam_sample(records: DetectionRecords,
     the sample where the image's φ edge matters (COCO does the same for its object-size ranges).
     """
     def near(phi: FloatArray) -> NDArray[np.bool_]:
-        return cast(NDArray[np.bool_], math.pi - np.abs(geometry.wrap_phi(phi)) < window)
+        return math.pi - np.abs(geometry.wrap_phi(phi)) < window
 
     tp = records.pred_tp
     pred_in = np.where(tp, near(records.pred_truth_phi), near(records.pred_phi)) if len(tp) else tp
