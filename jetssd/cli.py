@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from jetssd.dsp import DEFAULT_PERCENTILE  # a constant only: the compiler itself (torch) loads in the command
 
@@ -40,7 +41,8 @@ def _calibration_pixels(files: list[Path], events: int) -> list[Any]:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    # Escaped: messages carry paths and "pip install 'jetssd[train]'", which rich would read as style tags.
+    console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -71,7 +73,7 @@ def generate(
     """Generate RS-graviton and QCD events with Pythia 8, pileup and a Delphes-like fast simulation.
 
     Output is sharded (OUT/<channel>_<shard>.h5) and resumable: rerun the same command after an
-    interruption and only the missing shards are made. Needs the datagen extra: pip install 'jetssd[datagen]'.
+    interruption and only the missing shards are made. Needs the datagen extra: pip install 'jetssd\\[datagen]'.
     """
     try:
         from jetssd.datagen.generate import GenerationSettings, ManifestMismatchError, run_generation
@@ -206,8 +208,10 @@ def display(
 
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with [data], [model], [optim], "
-                                                                        "[loss], [run] sections.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help=(
+        # Backslashes: rich would read "[data]" as a style tag and print nothing.
+        "TOML file with \\[data], \\[model], \\[optim], \\[loss], \\[compress], \\[anchors], \\[run] sections "
+        "(any subset; see --print-config)."))] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one key, e.g. --set optim.lr=1e-3 "
                                                                       "--set 'data.train=[\"d/*.h5\"]'.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN.OUT/last.pt if it exists.")] = False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -21,3 +23,18 @@ def test_help_renders(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
     assert "--help" in result.output
+
+
+@pytest.mark.parametrize(("command", "literal"), [("generate", "jetssd[datagen]"), ("train", "[compress]")])
+def test_help_keeps_literal_brackets(command: str, literal: str) -> None:
+    """rich drops "[datagen]"-like words as unknown style tags unless they are escaped."""
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert literal in result.output
+
+
+def test_errors_keep_literal_brackets(tmp_path: Path) -> None:
+    missing = tmp_path / "run[old]" / "best.pt"  # "[old]" would be a style tag to rich
+    result = CliRunner().invoke(app, ["export", str(missing), "--repository", str(tmp_path / "repo")],
+                                terminal_width=400)
+    assert result.exit_code == 2
+    assert "run[old]" in result.output
