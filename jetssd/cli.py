@@ -336,8 +336,10 @@ def evaluate(
     for name, summary in {**result["models"], "baseline": result.get("baseline")}.items():
         if summary:
             ap = summary["ap"]
+            seam = summary["seam"]
             console.print(f"{name}: AP voc {_fmt(ap['voc'])}, coco {_fmt(ap['coco'])}, reference "
-                          f"{_fmt(ap['reference'])}", soft_wrap=True)
+                          f"{_fmt(ap['reference'])}; near the φ edge ({seam['n_truth']} truths within "
+                          f"{seam['window_rad']} rad of ±π) voc {_fmt(seam['ap_voc'])}", soft_wrap=True)
     console.print(f"report: {report / 'report.json'}")
 
 
