@@ -437,7 +437,11 @@ def train(config: TrainConfig, resume: bool = False,
             sampler.set_epoch(epoch)
         t0 = time.perf_counter()
 
-        def on_train_step(step: int, values: dict[str, float], _epoch: int = epoch) -> None:
+        steps_done = [0]  # a deadline can end the epoch early: the event rate counts the steps actually run
+
+        def on_train_step(step: int, values: dict[str, float], _epoch: int = epoch,
+                          _done: list[int] = steps_done) -> None:
+            _done[0] = step + 1
             if progress is not None and rank == 0:
                 progress(f"epoch {_epoch + 1}/{config.optim.epochs}", step + 1, len(train_loader), values)
 
@@ -452,7 +456,7 @@ def train(config: TrainConfig, resume: bool = False,
         if rank == 0:
             # The unwrapped module: a DDP forward would start a buffer broadcast the other ranks never join.
             record = _validate(_unwrap(model), val_loader, device, config, epoch, train_losses, seconds,
-                               float(scheduler.get_last_lr()[0]), len(train_loader) * config.optim.batch_size * world)
+                               float(scheduler.get_last_lr()[0]), steps_done[0] * config.optim.batch_size * world)
             history.append(record)
             improved = record.val["loss"] < best_val - config.optim.min_delta
             if improved:

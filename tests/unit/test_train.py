@@ -437,6 +437,23 @@ def test_tiny_crop_run_validates_on_full_images_and_writes_checkpoints(event_fil
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
+def test_a_deadline_ends_the_epoch_and_the_event_rate_counts_only_the_steps_run(event_file: Path,
+                                                                                tmp_path: Path) -> None:
+    from jetssd.train.trainer import train
+
+    cfg = TrainConfig().with_overrides([
+        f'data.train=["{event_file}"]', f'data.validation=["{event_file}"]', "data.workers=0",
+        "data.max_val_events=2", "data.crop=128", "optim.epochs=3", "optim.batch_size=2",
+        "model.widths=[8,8,8,8,8,8,8,8,8,8,8]", "run.time_limit_minutes=1e-6", f'run.out="{tmp_path / "run"}"',
+    ])
+    result = train(cfg)
+    # 8 events = 4 steps of 2 per epoch; the deadline has passed after the first step, which ends the run.
+    assert len(result.history) == 1
+    record = result.history[0]
+    assert record.events_per_s * record.seconds == pytest.approx(2.0)
+
+
 def test_phi_wrap_is_switched_through_compile_and_ddp_wrappers() -> None:
     from jetssd.model import NetConfig, PFJetSSD
     from jetssd.model.layers import PhiPad
