@@ -288,6 +288,40 @@ def _seam_summary(records: DetectionRecords, window: float = SEAM_WINDOW) -> dic
             "ap_voc": _json_float(ap["voc"]), "ap_coco": _json_float(ap["coco"])}
 
 
+QCD_RATES = (0.1, 0.3)
+"""Background levels (detections per QCD event) of :func:`recall_at_fake_rate` in the report."""
+
+
+def recall_at_fake_rate(records: DetectionRecords, background_scores: ArrayLike, background_events: int,
+                        rates: Iterable[float] = QCD_RATES) -> dict[str, dict[str, float | None]]:
+    """Signal efficiency at a fixed background: the trigger's way to compare detectors with different fake rates.
+
+    For each rate ρ (detections per background event): the lowest score threshold t at which the background
+    sample has at most ⌊ρ · background_events⌋ detections with score ≥ t, and the pooled recall there (true
+    positives with score ≥ t over all truth objects of ``records``).
+
+    Args:
+        records: matched predictions of the whole sample (signal and background events).
+        background_scores: [n] scores of every detection on the background (QCD) events.
+        background_events: number of background events (all values are None when 0).
+
+    Returns:
+        ``{str(ρ): {"threshold": t, "recall": r}}``; t = 0 where even the lowest score stays under the rate.
+    """
+    bkg = np.sort(np.asarray(background_scores, np.float64))[::-1]
+    out: dict[str, dict[str, float | None]] = {}
+    for rate in rates:
+        if background_events <= 0 or records.n_truth == 0:
+            out[str(rate)] = {"threshold": None, "recall": None}
+            continue
+        allowed = math.floor(rate * background_events + 1e-9)  # + 1e-9: 0.1 · 30 must allow 3
+        # Just above the first background score that would exceed the allowance (scores ≥ t pass).
+        threshold = float(np.nextafter(bkg[allowed], math.inf)) if allowed < len(bkg) else 0.0
+        passed = records.pred_tp & (records.pred_score >= threshold)
+        out[str(rate)] = {"threshold": threshold, "recall": float(np.count_nonzero(passed)) / records.n_truth}
+    return out
+
+
 def fake_rate(records_or_preds: DetectionRecords | Iterable[JetsLike] | ArrayLike, events: int | None = None,
               threshold: float = 0.5, *, fp_only: bool = False) -> float:
     """Mean number of predictions with score ≥ ``threshold`` per event (the QCD false-positive rate).

@@ -14,7 +14,9 @@ What happens, per chunk of events (never the whole file in memory):
 2. its predictions and the event's baseline jets (:func:`~jetssd.evaluate.matching.baseline_as_predictions`)
    are matched to the truth with the one matcher of :mod:`jetssd.evaluate.matching` and accumulated in
    :class:`~jetssd.evaluate.matching.DetectionRecords`;
-3. background events (see below) also count the detections with score ≥ ``qcd_threshold``.
+3. background events (see below) also count the detections with score ≥ ``qcd_threshold`` and keep every
+   detection's score, for the signal recall at a fixed QCD rate
+   (:func:`~jetssd.evaluate.metrics.recall_at_fake_rate`: ``recall_at_qcd_rate`` in each model's summary).
 
 At the end :func:`~jetssd.evaluate.metrics.summarize` gives AP (reference 11-point, VOC, COCO), P@R = 0.3 /
 0.5 and truth counts per class, and :mod:`jetssd.evaluate.plots` draws the PR curves, the precision versus
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from jetssd import geometry
 from jetssd.atomic import write_bytes_atomic
@@ -53,7 +56,7 @@ from jetssd.evaluate.matching import (
     baseline_as_predictions,
     match_event,
 )
-from jetssd.evaluate.metrics import summarize
+from jetssd.evaluate.metrics import recall_at_fake_rate, summarize
 from jetssd.event import Event, SparsePixels, TruthObjects
 from jetssd.io import open_events
 from jetssd.strict_json import write_json_atomic
@@ -86,13 +89,17 @@ class _Source:
     background_events: int = 0
     background_detections: int = 0
     """Detections with score ≥ the QCD threshold on background events."""
+    background_scores: list[NDArray[np.float64]] = field(default_factory=list)
+    """Scores of every detection on background events, for the recall at a fixed QCD rate."""
 
     def add(self, truth: TruthObjects, pred: JetsLike, *, background: bool, max_dr: float,
             threshold: float) -> None:
         self.records.add(truth, pred, match_event(truth, pred, max_dr))
         if background:
             self.background_events += 1
-            self.background_detections += int(np.count_nonzero(np.asarray(pred.score, np.float64) >= threshold))
+            scores = np.asarray(pred.score, np.float64)
+            self.background_detections += int(np.count_nonzero(scores >= threshold))
+            self.background_scores.append(scores)
 
     def summary(self) -> dict[str, Any]:
         """summarize(records) plus the QCD fake rate (None without background events)."""
@@ -101,6 +108,8 @@ class _Source:
         out["qcd_fake_rate_per_event"] = self.background_detections / n if n else None
         out["qcd_events"] = n
         out["qcd_detections"] = self.background_detections
+        scores = np.concatenate(self.background_scores) if self.background_scores else np.zeros(0)
+        out["recall_at_qcd_rate"] = recall_at_fake_rate(self.records, scores, n)
         return out
 
 

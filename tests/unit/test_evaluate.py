@@ -31,7 +31,13 @@ from jetssd.evaluate import (
     precision_recall_reference,
     summarize,
 )
-from jetssd.evaluate.metrics import binned_mean_std, binned_precision_at_recall, residuals, seam_sample
+from jetssd.evaluate.metrics import (
+    binned_mean_std,
+    binned_precision_at_recall,
+    recall_at_fake_rate,
+    residuals,
+    seam_sample,
+)
 from jetssd.event import BaselineJets, TruthObjects
 
 
@@ -482,6 +488,25 @@ def test_seam_sample_keeps_the_jets_near_the_phi_edge() -> None:
     assert seam["ap_voc"] == pytest.approx(4 / 9)
     assert seam_sample(rec, window=0.1)[2] == 0  # no truth within 0.1 of the edge
     assert summarize(DetectionRecords())["seam"]["ap_voc"] is None
+
+
+def test_recall_at_a_fixed_qcd_rate() -> None:
+    # Four truths; true positives at 0.9, 0.6, 0.3; a signal-event fake at 0.8.
+    rec = collect([
+        (truth([0, 1, 1, 2], [0.0, 1.0, -1.0, 0.5], [0.0, 1.0, 2.0, -2.0]),
+         preds([0, 1, 1, 0], [0.9, 0.6, 0.3, 0.8], [0.0, 1.0, -1.0, 1.5], [0.0, 1.0, 2.0, -1.0])),
+    ])
+    # 20 QCD events with these detection scores: at ≤ 0.1 per event 2 may pass (0.95, 0.7), so the cut sits
+    # just above 0.5 and keeps the 0.9 and 0.6 TPs; at ≤ 0.3 per event 6 may pass: all 5 do, cut 0.
+    background = [0.95, 0.7, 0.5, 0.2, 0.1]
+    out = recall_at_fake_rate(rec, background, 20, rates=(0.1, 0.3))
+    assert out["0.1"]["threshold"] == pytest.approx(0.5)
+    assert out["0.1"]["threshold"] > 0.5
+    assert out["0.1"]["recall"] == 0.5
+    assert out["0.3"] == {"threshold": 0.0, "recall": 0.75}
+    # ≤ 0.05 per event allows one: the cut lands just above 0.7 and keeps only the 0.9 TP.
+    assert recall_at_fake_rate(rec, background, 20, rates=(0.05,))["0.05"]["recall"] == 0.25
+    assert recall_at_fake_rate(rec, background, 0)["0.1"] == {"threshold": None, "recall": None}
 
 
 def test_summarize_empty_records() -> None:

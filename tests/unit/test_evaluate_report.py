@@ -241,6 +241,11 @@ def test_qcd_fake_rate_counts_background_events_only(files: dict[str, Path], tmp
     # The fakes score below every true positive, so the AP stays perfect.
     assert model["ap"]["voc"] == pytest.approx(1.0)
     assert model["n_pred"] == 10 + 2 * N_EVENTS
+    # 2 background detections per QCD event (0.7, 0.3): at ≤ 0.3 per event none may pass, so the cut sits
+    # just above 0.7, under every true positive: the recall stays 1.
+    at_rate = model["recall_at_qcd_rate"]["0.3"]
+    assert at_rate["threshold"] == pytest.approx(0.7)
+    assert at_rate["recall"] == 1.0
 
     low = evaluate({"noisy": det}, both(files), tmp_path / "b", qcd_threshold=0.2, plots=False)
     assert low["models"]["noisy"]["qcd_fake_rate_per_event"] == pytest.approx(2.0)
