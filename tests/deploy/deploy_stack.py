@@ -16,7 +16,6 @@ set (CI), when they fail. Everything started is stopped at the end, by process i
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from deploy_config import find_tool, tools_required
+from subprocesses import stop_process
 
 VARIANT = "twn"
 MODELS = (f"pfjet_ssd_{VARIANT}", f"pfjet_nms_{VARIANT}", f"pfjet_{VARIANT}")
@@ -76,14 +76,7 @@ class Service:
         return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
 
 
 def launch(name: str, args: list[str], work: Path, env: dict[str, str] | None = None) -> Service:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from subprocesses import stop_process
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -47,13 +48,7 @@ class RunningService:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> str:
         """Send ``sig`` (SIGINT: what Ctrl-C sends), wait for the exit; returns everything ``serve`` printed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
         return self.output()
 
 
