@@ -227,7 +227,7 @@ def seam_sample(records: DetectionRecords,
         return math.pi - np.abs(geometry.wrap_phi(phi)) < window
 
     tp = records.pred_tp
-    pred_in = np.where(tp, near(records.pred_truth_phi), near(records.pred_phi)) if len(tp) else tp
+    pred_in = np.where(tp, near(records.pred_truth_phi), near(records.pred_phi))
     return records.pred_score[pred_in], tp[pred_in], int(np.count_nonzero(near(records.truth_phi)))
 
 

@@ -14,8 +14,8 @@ What happens, per chunk of events (never the whole file in memory):
 2. its predictions and the event's baseline jets (:func:`~jetssd.evaluate.matching.baseline_as_predictions`)
    are matched to the truth with the one matcher of :mod:`jetssd.evaluate.matching` and accumulated in
    :class:`~jetssd.evaluate.matching.DetectionRecords`;
-3. background events (see below) also count the detections with score ≥ ``qcd_threshold`` and keep every
-   detection's score, for the signal recall at a fixed QCD rate
+3. background events (see below) also keep every detection's score, for the fake rate at score ≥
+   ``qcd_threshold`` and the signal recall at a fixed QCD rate
    (:func:`~jetssd.evaluate.metrics.recall_at_fake_rate`: ``recall_at_qcd_rate`` in each model's summary).
 
 At the end :func:`~jetssd.evaluate.metrics.summarize` gives AP (reference 11-point, VOC, COCO), P@R = 0.3 /
@@ -87,28 +87,25 @@ class _Source:
 
     records: DetectionRecords
     background_events: int = 0
-    background_detections: int = 0
-    """Detections with score ≥ the QCD threshold on background events."""
     background_scores: list[NDArray[np.float64]] = field(default_factory=list)
-    """Scores of every detection on background events, for the recall at a fixed QCD rate."""
+    """Scores of every detection on background events: the fake rate at the QCD threshold and the recall at a
+    fixed QCD rate both come from them."""
 
-    def add(self, truth: TruthObjects, pred: JetsLike, *, background: bool, max_dr: float,
-            threshold: float) -> None:
+    def add(self, truth: TruthObjects, pred: JetsLike, *, background: bool, max_dr: float) -> None:
         self.records.add(truth, pred, match_event(truth, pred, max_dr))
         if background:
             self.background_events += 1
-            scores = np.asarray(pred.score, np.float64)
-            self.background_detections += int(np.count_nonzero(scores >= threshold))
-            self.background_scores.append(scores)
+            self.background_scores.append(np.asarray(pred.score, np.float64))
 
-    def summary(self) -> dict[str, Any]:
-        """summarize(records) plus the QCD fake rate (None without background events)."""
+    def summary(self, threshold: float) -> dict[str, Any]:
+        """summarize(records) plus the QCD fake rate at score ≥ ``threshold`` (None without background events)."""
         out = summarize(self.records)
         n = self.background_events
-        out["qcd_fake_rate_per_event"] = self.background_detections / n if n else None
-        out["qcd_events"] = n
-        out["qcd_detections"] = self.background_detections
         scores = np.concatenate(self.background_scores) if self.background_scores else np.zeros(0)
+        detections = int(np.count_nonzero(scores >= threshold))
+        out["qcd_fake_rate_per_event"] = detections / n if n else None
+        out["qcd_events"] = n
+        out["qcd_detections"] = detections
         out["recall_at_qcd_rate"] = recall_at_fake_rate(self.records, scores, n)
         return out
 
@@ -286,12 +283,11 @@ def _process_chunk(run: _Run, detectors: Mapping[str, Detector], chunk: Sequence
         if len(preds) != len(chunk):
             raise ValueError(f"detector {name!r} returned {len(preds)} results for {len(chunk)} events")
         for t, pred, bkg in zip(truths, preds, background, strict=True):
-            run.models[name].add(t, pred, background=bkg, max_dr=run.max_dr, threshold=run.threshold)
+            run.models[name].add(t, pred, background=bkg, max_dr=run.max_dr)
 
     for event, t, bkg in zip(chunk, truths, background, strict=True):
         run.baseline_rows += len(event.baseline)
-        run.baseline.add(t, baseline_as_predictions(event.baseline), background=bkg, max_dr=run.max_dr,
-                         threshold=run.threshold)
+        run.baseline.add(t, baseline_as_predictions(event.baseline), background=bkg, max_dr=run.max_dr)
     run.events += len(chunk)
 
 
@@ -325,7 +321,7 @@ def _ap_ratio(model: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> f
 def _build_report(run: _Run, paths: Sequence[Path], truth: str) -> dict[str, Any]:
     """The report dict (strict-JSON values only)."""
     notes: list[str] = []
-    baseline: dict[str, Any] | None = run.baseline.summary()
+    baseline: dict[str, Any] | None = run.baseline.summary(run.threshold)
     if run.baseline_rows == 0:
         baseline = None
         notes.append("no event carries baseline jets (files without the physics baseline): baseline is null")
@@ -337,7 +333,7 @@ def _build_report(run: _Run, paths: Sequence[Path], truth: str) -> dict[str, Any
 
     models: dict[str, dict[str, Any]] = {}
     for name, source in run.models.items():
-        summary = source.summary()
+        summary = source.summary(run.threshold)
         summary["ap_ratio_to_baseline"] = _ap_ratio(summary, baseline)
         models[name] = summary
 
