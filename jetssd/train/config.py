@@ -169,6 +169,12 @@ class RunConfig:
     config ("config"). Padding has no parameters, so the same weights load either way; this is how the
     circular-vs-zero φ padding comparison fine-tunes one starting point both ways."""
 
+    def __post_init__(self) -> None:
+        for key in ("init_anchors", "init_phi_padding"):
+            value = getattr(self, key)
+            if value not in ("checkpoint", "config"):
+                raise ValueError(f"run.{key} must be 'checkpoint' or 'config', got {value!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -356,18 +356,13 @@ def train(config: TrainConfig, resume: bool = False,
         init_config = json.loads(init_state["config"])
         # The network and its anchors come from the checkpoint (a section-less checkpoint predates the anchor
         # layout: AnchorConfig.from_dict({}) is its "stretched" layout).
-        anchors_from = config.run.init_anchors
-        if anchors_from not in ("checkpoint", "config"):
-            raise ValueError(f"run.init_anchors must be 'checkpoint' or 'config', got {anchors_from!r}")
-        padding_from = config.run.init_phi_padding
-        if padding_from not in ("checkpoint", "config"):
-            raise ValueError(f"run.init_phi_padding must be 'checkpoint' or 'config', got {padding_from!r}")
-        init_anchors = AnchorConfig.from_dict(init_config.get("anchors", {}))
         init_model = NetConfig.from_dict(init_config["model"])
-        if padding_from == "config":
+        if config.run.init_phi_padding == "config":
             init_model = dataclasses.replace(init_model, circular_phi=config.model.circular_phi)
-        config = dataclasses.replace(config, model=init_model,
-                                     anchors=init_anchors if anchors_from == "checkpoint" else config.anchors)
+        anchor_section = config.anchors
+        if config.run.init_anchors == "checkpoint":
+            anchor_section = AnchorConfig.from_dict(init_config.get("anchors", {}))
+        config = dataclasses.replace(config, model=init_model, anchors=anchor_section)
     out = Path(config.run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,7 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("optim.nope=1", "unknown key"), ("optim.lr", "section.key=value"), ("run.amp=3", "true/false"),
     ("optim.epochs=many", "number"), ("bogus.x=1", "unknown key"),
+    ('run.init_anchors="both"', "run.init_anchors must be"), ('run.init_phi_padding="zeros"', "run.init_phi_padding"),
 ])
 def test_bad_overrides_are_named(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
